@@ -1,0 +1,6 @@
+"""marglik: Laplace approximations and marginal-likelihood model selection for PyTorch."""
+
+from marglik import likelihoods
+
+__version__ = "0.1.0"
+__all__ = ["likelihoods"]

@@ -1,0 +1,5 @@
+import sys
+
+from marglik.cli import main
+
+sys.exit(main())
