@@ -1,6 +1,7 @@
 """marglik: Laplace approximations and marginal-likelihood model selection for PyTorch."""
 
 from marglik import likelihoods
+from marglik.posterior import Laplace
 
 __version__ = "0.1.0"
-__all__ = ["likelihoods"]
+__all__ = ["Laplace", "likelihoods"]

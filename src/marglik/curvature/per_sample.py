@@ -1,0 +1,43 @@
+"""Per-sample column gradients J_nᵀ U_k,n for any model, with ``torch.func`` (vmap over samples).
+
+This is the generic path: it works for every module ``torch.func.functional_call`` can run and
+gives exact full and diagonal curvature. Memory is N·K·P per chunk; callers chunk over samples.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from marglik.curvature.subsets import ParameterSubset
+
+
+def per_sample_column_grads(
+    model: nn.Module, subset: ParameterSubset, x: Tensor, U: Tensor, max_elements: int = 2**26
+) -> Tensor:
+    """Gradients of U_k,n · f(x_n) w.r.t. the subset: (K, N, P).
+
+    Args:
+        x: inputs (N, ...).
+        U: output columns (K, N, *S, C) (see :func:`~marglik.curvature.columns.output_columns`).
+        max_elements: chunk over samples so that one chunk holds at most this many numbers.
+    """
+    params = {n: p.detach() for n, p in subset.parameters(model).items()}
+    width = sum(p.numel() for p in params.values())
+    chunk = max(1, max_elements // max(1, U.shape[0] * width))
+
+    def sample_grads(x_n: Tensor, U_n: Tensor) -> dict[str, Tensor]:
+        def f_single(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(model, p, (x_n.unsqueeze(0),)).squeeze(0)
+
+        _, vjp_fn = vjp(f_single, params)
+        return vmap(lambda u: vjp_fn(u)[0])(U_n)
+
+    out = []
+    for start in range(0, x.shape[0], chunk):
+        grads = vmap(sample_grads)(x[start : start + chunk], U[:, start : start + chunk].transpose(0, 1))
+        flat = torch.cat([g.flatten(2) for g in grads.values()], dim=2)  # (n, K, width)
+        out.append(flat.transpose(0, 1))
+    G = torch.cat(out, dim=1)
+    return G if subset.index is None else G[..., subset.index]
