@@ -4,9 +4,11 @@ import torch
 
 @pytest.fixture(autouse=True)
 def single_thread_and_seed():
-    """Small models run far faster single-threaded on 2-core machines; fix the seed."""
-    threads = torch.get_num_threads()
+    """Single thread (small models run far faster so on 2 cores), float64, fixed seed."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)

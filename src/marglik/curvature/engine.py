@@ -163,6 +163,8 @@ def fit_curvature(
                         add(rec.name + ".bias_diag", b_diag)
             del f
             if rest is not None:
+                if structure == "kron" and fd.ndim > 2 and curvature == "ggn":  # exact diagonal blocks
+                    U = output_columns(likelihood, fd, y, curvature, split_positions=True).to(fd.dtype)
                 M = per_sample_column_grads(model, rest, x, U)
                 if structure == "full":
                     M = M.reshape(-1, M.shape[-1]).to(acc)

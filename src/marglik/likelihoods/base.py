@@ -1,7 +1,8 @@
 """The likelihood interface: log p(y | f), its output Hessian Λ(f) and a factorisation Λ = V Vᵀ.
 
 Shapes: network outputs ``f`` are ``(N, *S, C)`` — N samples, optional shared positions ``S``
-(tokens, pixels) and C outputs per position. Λ acts on the last dimension, one C×C matrix per
+(tokens, pixels) and C outputs per position — channels last: a convolutional model whose outputs
+are (N, C, H, W) should move channels to the end for per-pixel likelihoods. Λ acts on the last dimension, one C×C matrix per
 (sample, position). The curvature engine only needs :meth:`Likelihood.hessian_factor`,
 :meth:`Likelihood.gradient` and :meth:`Likelihood.sample`.
 """
