@@ -1,0 +1,31 @@
+"""Data loading: bundled scikit-learn sets, CSV tables and the standard UCI regression splits.
+
+Regression targets are returned with shape ``(N, 1)``, classification targets as int64 ``(N,)``.
+scikit-learn is needed only for the bundled sets and is imported on first use.
+"""
+
+from marglik.data.embedded import (
+    REGRESSION_SETS,
+    RegressionSplit,
+    load_digits_split,
+    load_regression_set,
+    standardized_split,
+)
+from marglik.data.tabular import DataError, Standardizer, Table, read_table
+from marglik.data.uci import default_uci_root, load_uci, n_uci_splits, uci_datasets
+
+__all__ = [
+    "REGRESSION_SETS",
+    "DataError",
+    "RegressionSplit",
+    "Standardizer",
+    "Table",
+    "default_uci_root",
+    "load_digits_split",
+    "load_regression_set",
+    "load_uci",
+    "n_uci_splits",
+    "read_table",
+    "standardized_split",
+    "uci_datasets",
+]
