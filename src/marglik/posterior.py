@@ -292,6 +292,25 @@ class Laplace:
         logdet = self.H.logdet(scale, delta)
         return 0.5 * (logdet - self.n_params * math.log(2 * math.pi) - quad)
 
+    # ---- predictions --------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: Tensor,
+        pred_type: str = "glm",
+        link_approx: str = "probit",
+        joint: bool = False,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Posterior predictive; see :func:`marglik.predictive.predict`.
+
+        Classification returns probabilities (B, C); regression returns (f_mean, f_var) without
+        the observation noise (add ``la.sigma_noise**2`` for the predictive variance of y).
+        """
+        from marglik.predictive import predict
+
+        return predict(self, x, pred_type, link_approx, joint, n_samples, generator)
+
     # ---- saving and loading -------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain tensors and strings, loadable with ``torch.load(weights_only=True)``."""
