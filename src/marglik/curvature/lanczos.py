@@ -85,11 +85,16 @@ def lanczos(
         raise ValueError(f"rank must lie in [1, {size}], got {rank}")
     m = min(size, n_iter or 2 * rank + 20)
     gen = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(size, generator=gen, dtype=dtype, device=device)
+
+    def random_orthogonal(Q: Tensor) -> Tensor:
+        w = torch.randn(size, generator=gen, dtype=dtype, device=device)
+        for _ in range(2):
+            w = w - Q.T @ (Q @ w)
+        return w / w.norm()
+
     Q = torch.zeros(m, size, dtype=dtype, device=device)
-    Q[0] = q / q.norm()
+    Q[0] = random_orthogonal(Q[:0])
     alpha, beta = torch.zeros(m, dtype=dtype), torch.zeros(m, dtype=dtype)
-    steps = m
     for j in range(m):
         w = matvec(Q[j]).to(dtype)
         alpha[j] = w @ Q[j]
@@ -99,16 +104,14 @@ def lanczos(
             break
         beta[j] = w.norm()
         if beta[j] <= 1e-10 * alpha[: j + 1].abs().max().clamp_min(1e-30):
-            steps = j + 1  # invariant subspace found: exact
-            break
-        Q[j + 1] = w / beta[j]
-    T = torch.diag(alpha[:steps]) + torch.diag(beta[: steps - 1], 1) + torch.diag(beta[: steps - 1], -1)
+            # invariant subspace (e.g. repeated eigenvalues): restart orthogonally to it
+            beta[j] = 0.0
+            Q[j + 1] = random_orthogonal(Q[: j + 1])
+        else:
+            Q[j + 1] = w / beta[j]
+    T = torch.diag(alpha) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
     evals, S = torch.linalg.eigh(T.to(device))
     order = evals.argsort(descending=True)[:rank]
-    vecs = Q[:steps].T @ S[:, order]
+    vecs = Q.T @ S[:, order]
     vals = evals[order].clamp_min(0)
-    if vals.numel() < rank:  # Krylov space smaller than the rank: the rest of the spectrum is 0
-        extra = rank - vals.numel()
-        basis = torch.linalg.qr(torch.cat([vecs, torch.randn(size, extra, generator=gen, dtype=dtype, device=device)], 1))[0]
-        vecs, vals = basis, torch.cat([vals, vals.new_zeros(extra)])
     return vals, vecs
