@@ -259,21 +259,25 @@ class Laplace:
     @property
     def posterior_precision(self) -> Tensor:
         """Dense P = H/T + P0, (P, P) — for tests and small models only."""
-        return self.H.precision_dense(*self._precision_args())
+        scale, delta = self._precision_args()
+        return self.H.precision_dense(scale, delta)
 
     @property
     def posterior_covariance(self) -> Tensor:
         """Dense Σ = P⁻¹, (P, P) — for tests and small models only."""
-        return self.H.covariance_dense(*self._precision_args())
+        scale, delta = self._precision_args()
+        return self.H.covariance_dense(scale, delta)
 
     @property
     def posterior_variance(self) -> Tensor:
         """Marginal variances diag(Σ), (P,)."""
-        return self.H.covariance_diag(*self._precision_args())
+        scale, delta = self._precision_args()
+        return self.H.covariance_diag(scale, delta)
 
     def functional_variance(self, J: Tensor) -> Tensor:
         """J Σ Jᵀ for Jacobians J (..., K, P): (..., K, K)."""
-        return self.H.inv_quad(J.to(self.H.dtype), *self._precision_args())
+        scale, delta = self._precision_args()
+        return self.H.inv_quad(J.to(self.H.dtype), scale, delta)
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """Draw θ ~ q(θ): (n_samples, P)."""

@@ -68,7 +68,7 @@ class Likelihood(ABC):
     def log_lik_from_statistics(self, stats: dict[str, Tensor], sigma: Tensor | None = None) -> Tensor:
         """Total log-likelihood of the training data from :meth:`statistics` (0-d)."""
         if sigma is not None:
-            raise ValueError(f"{type(self).__name__} has no observation noise sigma")
+            raise ValueError(f"sigma_noise only applies to regression: {type(self).__name__} has no noise")
         return stats["log_lik"]
 
 
