@@ -118,10 +118,21 @@ def output_grads(module: nn.Module, g: Tensor) -> Tensor:
 
 
 def backprop_columns(f: Tensor, tensors: list[Tensor], U: Tensor) -> list[Tensor]:
-    """Gradients of Σ U_k · f w.r.t. each tensor, for every column k: list of (K, *t.shape)."""
-    grads: list[list[Tensor]] = [[] for _ in tensors]
+    """Gradients of Σ U_k · f w.r.t. each tensor, for every column k: list of (K, *t.shape).
+
+    All K columns go through one vmapped backward pass (``is_grads_batched``); models with ops
+    that vmap does not support fall back to one backward pass per column.
+    """
+    try:
+        grads = torch.autograd.grad(f, tensors, U, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=True)
+        return [torch.zeros(U.shape[0], *t.shape, dtype=t.dtype, device=t.device) if g is None else g
+                for g, t in zip(grads, tensors)]
+    except RuntimeError:
+        pass
+    columns: list[list[Tensor]] = [[] for _ in tensors]
     for k in range(U.shape[0]):
         gk = torch.autograd.grad(f, tensors, U[k], retain_graph=True, allow_unused=True)
         for i, (g, t) in enumerate(zip(gk, tensors)):
-            grads[i].append(torch.zeros_like(t) if g is None else g)
-    return [torch.stack(g) for g in grads]
+            columns[i].append(torch.zeros_like(t) if g is None else g)
+    return [torch.stack(g) for g in columns]
