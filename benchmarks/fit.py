@@ -24,13 +24,26 @@ from marglik.data import load_digits_split
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                         nn.Linear(256, 10))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 256),
+        nn.ReLU(),
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
-                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    )
 
 
 def epoch(model: nn.Module, loader: DataLoader) -> None:
@@ -53,7 +66,9 @@ def median_time(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tile", type=int, default=1, help="repeat the training set this many times")
+    parser.add_argument(
+        "--tile", type=int, default=1, help="repeat the training set this many times"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -63,20 +78,34 @@ def main() -> None:
     for name, make in (("mlp", mlp), ("cnn", cnn)):
         model = make()
         n_params = sum(p.numel() for p in model.parameters())
-        t_epoch = median_time(lambda: epoch(model, loader), args.repeats)
-        cases = [("kron", "expand"), ("diag", "expand")] + ([("kron", "reduce")] if name == "cnn" else [])
+        t_epoch = median_time(lambda model=model: epoch(model, loader), args.repeats)
+        cases = [("kron", "expand"), ("diag", "expand")] + (
+            [("kron", "reduce")] if name == "cnn" else []
+        )
         for structure, approx in cases:
-            def fit():
-                marglik.Laplace(model, "classification", hessian_structure=structure,
-                                kfac_approx=approx).fit(loader)
+
+            def fit(model=model, structure=structure, approx=approx):
+                marglik.Laplace(
+                    model, "classification", hessian_structure=structure, kfac_approx=approx
+                ).fit(loader)
 
             t_fit = median_time(fit, args.repeats)
-            print(json.dumps({
-                "model": name, "params": n_params, "n": len(x), "structure": structure,
-                "kfac_approx": approx if structure == "kron" else None, "fit_s": round(t_fit, 4),
-                "epoch_s": round(t_epoch, 4), "fit_over_epoch": round(t_fit / t_epoch, 2),
-                "torch": torch.__version__, "threads": torch.get_num_threads(),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "model": name,
+                        "params": n_params,
+                        "n": len(x),
+                        "structure": structure,
+                        "kfac_approx": approx if structure == "kron" else None,
+                        "fit_s": round(t_fit, 4),
+                        "epoch_s": round(t_epoch, 4),
+                        "fit_over_epoch": round(t_fit / t_epoch, 2),
+                        "torch": torch.__version__,
+                        "threads": torch.get_num_threads(),
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

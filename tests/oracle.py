@@ -59,7 +59,9 @@ def ggn(model: nn.Module, x: Tensor, y: Tensor, nll, names: list[str] | None = N
     return torch.einsum("ndp,nde,neq->pq", J, L, J)
 
 
-def empirical_fisher(model: nn.Module, x: Tensor, y: Tensor, nll, names: list[str] | None = None) -> Tensor:
+def empirical_fisher(
+    model: nn.Module, x: Tensor, y: Tensor, nll, names: list[str] | None = None
+) -> Tensor:
     J = jacobians(model, x, names)
     with torch.no_grad():
         f = model(x)
@@ -67,7 +69,9 @@ def empirical_fisher(model: nn.Module, x: Tensor, y: Tensor, nll, names: list[st
     return g.T @ g
 
 
-def laplace_evidence(log_lik: Tensor, theta: Tensor, H: Tensor, delta: Tensor, mu0: Tensor | float = 0.0) -> Tensor:
+def laplace_evidence(
+    log_lik: Tensor, theta: Tensor, H: Tensor, delta: Tensor, mu0: Tensor | float = 0.0
+) -> Tensor:
     """log p(D|θ) − ½(θ−μ0)ᵀP0(θ−μ0) − ½(log det(H + P0) − log det P0) with explicit matrices."""
     P0 = torch.diag(delta.expand(theta.shape))
     diff = theta - mu0
@@ -81,7 +85,11 @@ def laplace_evidence(log_lik: Tensor, theta: Tensor, H: Tensor, delta: Tensor, m
 def gaussian_log_density(y: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
     """log N(y | mean, cov) with an explicit inverse and slogdet."""
     d = y - mean
-    return -0.5 * (d @ torch.linalg.inv(cov) @ d + torch.linalg.slogdet(cov)[1] + len(y) * math.log(2 * math.pi))
+    return -0.5 * (
+        d @ torch.linalg.inv(cov) @ d
+        + torch.linalg.slogdet(cov)[1]
+        + len(y) * math.log(2 * math.pi)
+    )
 
 
 # likelihoods as plain functions (sum over everything), independent of marglik
@@ -98,4 +106,6 @@ def categorical_nll(f: Tensor, y: Tensor) -> Tensor:
 
 
 def bernoulli_nll(f: Tensor, y: Tensor) -> Tensor:
-    return torch.nn.functional.binary_cross_entropy_with_logits(f, y.reshape(f.shape), reduction="sum")
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        f, y.reshape(f.shape), reduction="sum"
+    )

@@ -56,7 +56,9 @@ def test_non_finite_curvature_raises():
 
     for structure in ("full", "diag", "kron"):
         with pytest.raises(RuntimeError, match="NaN"):
-            marglik.Laplace(SqrtSquare(), "regression", hessian_structure=structure).fit(loader(X, torch.randn(10, 1)))
+            marglik.Laplace(SqrtSquare(), "regression", hessian_structure=structure).fit(
+                loader(X, torch.randn(10, 1))
+            )
 
 
 @pytest.mark.parametrize(
@@ -100,8 +102,14 @@ def test_regression_only_settings_raise_for_classification():
 
 def test_using_an_unfitted_posterior_raises():
     la = marglik.Laplace(mlp(), "classification")
-    for use in (la.log_marginal_likelihood, la.sample, la.state_dict, lambda: la(X),
-                lambda: la.optimize_prior_precision(), lambda: la.posterior_precision):
+    for use in (
+        la.log_marginal_likelihood,
+        la.sample,
+        la.state_dict,
+        lambda: la(X),
+        lambda: la.optimize_prior_precision(),
+        lambda: la.posterior_precision,
+    ):
         with pytest.raises(RuntimeError, match="not fitted"):
             use()
 

@@ -56,8 +56,12 @@ def test_full_and_diag_ggn_equal_brute_force(task, make_model):
     d_out = 4 if make_model is mlp else 3
     x, y, nll = data(task, x_shape=(3,) if make_model is mlp else (1, 4, 4), d_out=d_out)
     H = oracle.ggn(model, x, y, nll)
-    torch.testing.assert_close(fitted(model, task, x, y, "full").H.to_dense(), H, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(fitted(model, task, x, y, "diag").H.diag(), H.diagonal(), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(
+        fitted(model, task, x, y, "full").H.to_dense(), H, rtol=1e-9, atol=1e-10
+    )
+    torch.testing.assert_close(
+        fitted(model, task, x, y, "diag").H.diag(), H.diagonal(), rtol=1e-9, atol=1e-10
+    )
 
 
 def test_ggn_with_shared_positions_and_unsupported_layers():
@@ -122,11 +126,40 @@ class MeanOverPositions(nn.Module):
 
 SETTINGS = {
     # name: (model, input shape, output shape, setting in which it is exact)
-    "linear-expand": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), (5, 3), (5, 2), "expand"),
-    "linear-reduce": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), MeanOverPositions(1)), (5, 3), (2,), "reduce"),
-    "conv-expand": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 1), ChannelsLast()), (2, 4, 4), (4, 4, 2), "expand"),
-    "conv-reduce": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 2, 1), MeanOverPositions((2, 3)), nn.Linear(2, 2)), (2, 4, 4), (2,), "reduce"),
-    "conv1d-expand": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding="same"), nn.Conv1d(3, 2, 1), ChannelsLast()), (2, 6), (6, 2), "expand"),
+    "linear-expand": (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)),
+        (5, 3),
+        (5, 2),
+        "expand",
+    ),
+    "linear-reduce": (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), MeanOverPositions(1)),
+        (5, 3),
+        (2,),
+        "reduce",
+    ),
+    "conv-expand": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 2, 1), ChannelsLast()),
+        (2, 4, 4),
+        (4, 4, 2),
+        "expand",
+    ),
+    "conv-reduce": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3), nn.Conv2d(3, 2, 1), MeanOverPositions((2, 3)), nn.Linear(2, 2)
+        ),
+        (2, 4, 4),
+        (2,),
+        "reduce",
+    ),
+    "conv1d-expand": (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding="same"), nn.Conv1d(3, 2, 1), ChannelsLast()
+        ),
+        (2, 6),
+        (6, 2),
+        "expand",
+    ),
 }
 
 
@@ -159,7 +192,9 @@ def test_kfac_does_not_depend_on_the_batch_size():
     x, y = torch.randn(12, 1, 4, 4), torch.randint(0, 3, (12,))
     dense = [fitted(model, "classification", x, y, "kron").H.to_dense()]
     for bs in (1, 5, 12):
-        la = marglik.Laplace(model, "classification", hessian_structure="kron").fit(loader(x, y, bs))
+        la = marglik.Laplace(model, "classification", hessian_structure="kron").fit(
+            loader(x, y, bs)
+        )
         dense.append(la.H.to_dense())
     for d in dense[1:]:
         torch.testing.assert_close(d, dense[0], rtol=1e-10, atol=1e-12)

@@ -63,4 +63,6 @@ def test_two_ranks_equal_one_process(tmp_path):
         H, evidence, n = result[s]
         assert n == 24
         torch.testing.assert_close(H, la.H.to_dense(), rtol=1e-8, atol=1e-10)
-        torch.testing.assert_close(evidence, la.log_marginal_likelihood().detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            evidence, la.log_marginal_likelihood().detach(), rtol=1e-10, atol=1e-10
+        )

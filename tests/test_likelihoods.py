@@ -10,9 +10,21 @@ from marglik.likelihoods import Bernoulli, Categorical, Custom, Gaussian, get_li
 from tests import oracle
 
 CASES = {
-    "gaussian": (Gaussian(torch.tensor([0.5, 2.0, 1.0])), lambda f: torch.randn(f.shape), oracle.gaussian_nll(torch.tensor([0.5, 2.0, 1.0]))),
-    "categorical": (Categorical(), lambda f: torch.randint(0, f.shape[-1], f.shape[:-1]), oracle.categorical_nll),
-    "bernoulli": (Bernoulli(), lambda f: torch.randint(0, 2, f.shape).double(), oracle.bernoulli_nll),
+    "gaussian": (
+        Gaussian(torch.tensor([0.5, 2.0, 1.0])),
+        lambda f: torch.randn(f.shape),
+        oracle.gaussian_nll(torch.tensor([0.5, 2.0, 1.0])),
+    ),
+    "categorical": (
+        Categorical(),
+        lambda f: torch.randint(0, f.shape[-1], f.shape[:-1]),
+        oracle.categorical_nll,
+    ),
+    "bernoulli": (
+        Bernoulli(),
+        lambda f: torch.randint(0, 2, f.shape).double(),
+        oracle.bernoulli_nll,
+    ),
 }
 
 
@@ -60,7 +72,9 @@ def test_gaussian_statistics_give_log_likelihood_at_any_sigma():
     # the normaliser counts every output element (N·R·C), positions included
     f3, y3 = torch.randn(4, 5, 2), torch.randn(4, 5, 2)
     ll = lik.log_lik_from_statistics(lik.statistics(f3, y3), torch.tensor(2.0))
-    torch.testing.assert_close(ll, -0.5 * ((f3 - y3) ** 2).sum() / 4 - 40 * math.log(2 * math.sqrt(2 * math.pi)))
+    torch.testing.assert_close(
+        ll, -0.5 * ((f3 - y3) ** 2).sum() / 4 - 40 * math.log(2 * math.sqrt(2 * math.pi))
+    )
 
 
 def test_custom_likelihood_gets_hessian_from_autograd():
@@ -71,7 +85,9 @@ def test_custom_likelihood_gets_hessian_from_autograd():
     f, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
     torch.testing.assert_close(custom.hessian(f, y), Categorical().hessian(f, y))
     V = custom.hessian_factor(f, y)
-    torch.testing.assert_close(V @ V.transpose(-1, -2), Categorical().hessian(f, y), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(
+        V @ V.transpose(-1, -2), Categorical().hessian(f, y), atol=1e-12, rtol=1e-10
+    )
     torch.testing.assert_close(custom.log_prob(f, y), Categorical().log_prob(f, y))
 
 

@@ -40,17 +40,29 @@ def set_posterior_mode(model, phi, y, delta, sigma, mu0):
 
 def closed_form_evidence(phi, y, delta, sigma, mu0):
     cov = phi @ phi.T / delta + sigma**2 * torch.eye(len(y))
-    return sum(oracle.gaussian_log_density(y[:, c], phi @ mu0[:, c], cov) for c in range(y.shape[1]))
+    return sum(
+        oracle.gaussian_log_density(y[:, c], phi @ mu0[:, c], cov) for c in range(y.shape[1])
+    )
 
 
-@pytest.mark.parametrize(("structure", "orthogonal"), [("full", False), ("kron", False), ("diag", True), ("lowrank", False)])
+@pytest.mark.parametrize(
+    ("structure", "orthogonal"),
+    [("full", False), ("kron", False), ("diag", True), ("lowrank", False)],
+)
 def test_linear_gaussian_evidence_equals_closed_form(structure, orthogonal):
     model, phi, y = linear_gaussian(orthogonal=orthogonal)
     delta, sigma = 0.7, 0.4
     mu0 = 0.1 * torch.randn(4, 2)
     set_posterior_mode(model, phi, y, delta, sigma, mu0)
-    la = marglik.Laplace(model, "regression", hessian_structure=structure, prior_precision=delta,
-                         sigma_noise=sigma, prior_mean=mu0.T.reshape(-1), rank=8)
+    la = marglik.Laplace(
+        model,
+        "regression",
+        hessian_structure=structure,
+        prior_precision=delta,
+        sigma_noise=sigma,
+        prior_mean=mu0.T.reshape(-1),
+        rank=8,
+    )
     la.fit(loader(phi, y))
     expected = closed_form_evidence(phi, y, delta, sigma, mu0)
     torch.testing.assert_close(la.log_marginal_likelihood(), expected, rtol=1e-10, atol=1e-10)
@@ -58,13 +70,24 @@ def test_linear_gaussian_evidence_equals_closed_form(structure, orthogonal):
 
 def test_evidence_is_differentiable_and_rescales_with_sigma():
     model, phi, y = linear_gaussian()
-    la = marglik.Laplace(model, "regression", hessian_structure="full", sigma_noise=0.5).fit(loader(phi, y))
+    la = marglik.Laplace(model, "regression", hessian_structure="full", sigma_noise=0.5).fit(
+        loader(phi, y)
+    )
     # evidence at a new σ without refitting equals a posterior fitted at that σ
-    refit = marglik.Laplace(model, "regression", hessian_structure="full", sigma_noise=0.8).fit(loader(phi, y))
-    torch.testing.assert_close(la.log_marginal_likelihood(sigma_noise=torch.tensor(0.8)),
-                               refit.log_marginal_likelihood(), rtol=1e-12, atol=1e-12)
+    refit = marglik.Laplace(model, "regression", hessian_structure="full", sigma_noise=0.8).fit(
+        loader(phi, y)
+    )
+    torch.testing.assert_close(
+        la.log_marginal_likelihood(sigma_noise=torch.tensor(0.8)),
+        refit.log_marginal_likelihood(),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     # gradients in δ and σ match central finite differences
-    log_delta, log_sigma = torch.tensor(0.3, requires_grad=True), torch.tensor(-0.2, requires_grad=True)
+    log_delta, log_sigma = (
+        torch.tensor(0.3, requires_grad=True),
+        torch.tensor(-0.2, requires_grad=True),
+    )
     value = la.log_marginal_likelihood(log_delta.exp(), log_sigma.exp())
     value.backward()
     h = 1e-6
@@ -82,17 +105,23 @@ def test_evidence_of_a_network_equals_brute_force_with_temperature_and_layerwise
     model = mlp()
     x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
     prior = torch.tensor([0.5, 1.0, 2.0, 3.0])  # one per parameter tensor
-    la = marglik.Laplace(model, "classification", hessian_structure="full", prior_precision=prior,
-                         temperature=0.5).fit(loader(x, y))
+    la = marglik.Laplace(
+        model, "classification", hessian_structure="full", prior_precision=prior, temperature=0.5
+    ).fit(loader(x, y))
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    delta = torch.cat([torch.full((p.numel(),), float(d)) for p, d in zip(model.parameters(), prior)])
+    delta = torch.cat(
+        [torch.full((p.numel(),), float(d)) for p, d in zip(model.parameters(), prior)]
+    )
     log_lik = -oracle.categorical_nll(model(x), y).detach()
     H = oracle.ggn(model, x, y, oracle.categorical_nll) / 0.5
     expected = oracle.laplace_evidence(log_lik, theta, H, delta)
     torch.testing.assert_close(la.log_marginal_likelihood(), expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(la.posterior_precision, H + torch.diag(delta), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(la.posterior_covariance, torch.linalg.inv(H + torch.diag(delta)),
-                               rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(
+        la.posterior_precision, H + torch.diag(delta), rtol=1e-10, atol=1e-10
+    )
+    torch.testing.assert_close(
+        la.posterior_covariance, torch.linalg.inv(H + torch.diag(delta)), rtol=1e-9, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("structure", ["full", "kron", "diag"])
@@ -119,7 +148,9 @@ def test_optimize_prior_precision_layerwise_and_sigma_improve_the_evidence():
     history = la.optimize_prior_precision(prior_structure="layerwise", tune_sigma=True, n_steps=200)
     assert la.prior_precision.shape == (4,) and la.sigma_noise.shape == ()
     assert history["log_marglik"][-1] > before
-    assert la.log_marginal_likelihood().item() == pytest.approx(max(history["log_marglik"]), abs=0.5)
+    assert la.log_marginal_likelihood().item() == pytest.approx(
+        max(history["log_marglik"]), abs=0.5
+    )
     with pytest.raises(ValueError, match="prior_structure"):
         la.optimize_prior_precision(prior_structure="blockwise")
 
@@ -129,8 +160,9 @@ def test_optimize_prior_precision_layerwise_and_sigma_improve_the_evidence():
 def test_log_prob_and_samples_match_the_dense_gaussian(structure):
     model = mlp()
     x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
-    la = marglik.Laplace(model, "classification", hessian_structure=structure, prior_precision=0.5,
-                         rank=10).fit(loader(x, y))
+    la = marglik.Laplace(
+        model, "classification", hessian_structure=structure, prior_precision=0.5, rank=10
+    ).fit(loader(x, y))
     mvn = MultivariateNormal(la.mean, precision_matrix=la.posterior_precision)
     theta = la.mean + 0.1 * torch.randn(5, la.n_params)
     torch.testing.assert_close(la.log_prob(theta), mvn.log_prob(theta), rtol=1e-10, atol=1e-10)
@@ -144,16 +176,22 @@ def test_log_prob_and_samples_match_the_dense_gaussian(structure):
     assert ((samples.mean(0) - la.mean).abs() < 5 * (Sigma.diagonal() / n).sqrt()).all()
 
 
-# ---- subsets --------------------------------------------------------------------------------------
+# ---- subsets ----
 def test_last_layer_by_detection_name_mask_and_requires_grad_agree():
     model = mlp()
     x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
     auto = marglik.Laplace(model, "classification", "last_layer", "full").fit(loader(x, y))
-    named = marglik.Laplace(model, "classification", "last_layer", "full", last_layer_name="2").fit(loader(x, y))
+    named = marglik.Laplace(model, "classification", "last_layer", "full", last_layer_name="2").fit(
+        loader(x, y)
+    )
     mask = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.bool)
     mask[-24:] = True
-    masked = marglik.Laplace(model, "classification", "subnetwork", "full", subnetwork=mask).fit(loader(x, y))
-    by_module = marglik.Laplace(model, "classification", "subnetwork", "full", subnetwork=["2"]).fit(loader(x, y))
+    masked = marglik.Laplace(model, "classification", "subnetwork", "full", subnetwork=mask).fit(
+        loader(x, y)
+    )
+    by_module = marglik.Laplace(
+        model, "classification", "subnetwork", "full", subnetwork=["2"]
+    ).fit(loader(x, y))
     for p in model[0].parameters():
         p.requires_grad_(False)
     trainable = marglik.Laplace(model, "classification", "requires_grad", "full").fit(loader(x, y))
@@ -185,14 +223,18 @@ def test_subnetwork_indices_select_entries():
     model = mlp()
     x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
     index = torch.tensor([0, 5, 17, 30, 43])
-    la = marglik.Laplace(model, "classification", "subnetwork", "full", subnetwork=index).fit(loader(x, y))
+    la = marglik.Laplace(model, "classification", "subnetwork", "full", subnetwork=index).fit(
+        loader(x, y)
+    )
     H = oracle.ggn(model, x, y, oracle.categorical_nll)
     torch.testing.assert_close(la.H.to_dense(), H[index][:, index], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="KFAC needs whole parameter tensors"):
-        marglik.Laplace(model, "classification", "subnetwork", "kron", subnetwork=index).fit(loader(x, y))
+        marglik.Laplace(model, "classification", "subnetwork", "kron", subnetwork=index).fit(
+            loader(x, y)
+        )
 
 
-# ---- saving and loading ----------------------------------------------------------------------------
+# ---- saving and loading ----
 @pytest.mark.parametrize("structure", ["full", "kron", "diag", "lowrank"])
 def test_state_dict_round_trip(structure, tmp_path):
     model = mlp()
@@ -210,5 +252,8 @@ def test_state_dict_round_trip(structure, tmp_path):
         other = "diag" if structure != "diag" else "full"
         marglik.Laplace(model, "regression", hessian_structure=other).load_state_dict(state)
     with pytest.raises(ValueError, match="does not match the model"):
-        marglik.Laplace(nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)), "regression",
-                        hessian_structure=structure).load_state_dict(state)
+        marglik.Laplace(
+            nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 4)),
+            "regression",
+            hessian_structure=structure,
+        ).load_state_dict(state)

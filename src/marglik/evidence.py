@@ -24,7 +24,9 @@ def prior_shape(la: Laplace, prior_structure: str) -> tuple[int, ...]:
     """Shape of δ for a prior structure: () scalar, (tensors,) layer-wise, (P,) diagonal."""
     shapes = {"scalar": (), "layerwise": (len(la.subset.names),), "diagonal": (la.n_params,)}
     if prior_structure not in shapes:
-        raise ValueError(f"unknown prior_structure {prior_structure!r}: use one of {PRIOR_STRUCTURES}")
+        raise ValueError(
+            f"unknown prior_structure {prior_structure!r}: use one of {PRIOR_STRUCTURES}"
+        )
     return shapes[prior_structure]
 
 
@@ -72,7 +74,9 @@ def optimize_hyperparameters(
             raise ValueError(f"tune_sigma needs a regression likelihood, not {la.likelihood.task}")
         if la.sigma_noise.numel() > 1:
             raise ValueError("tune_sigma supports a scalar sigma_noise only")
-        log_sigma = la.sigma_noise.detach().to(la.H.dtype).log().reshape(()).clone().requires_grad_(True)
+        log_sigma = (
+            la.sigma_noise.detach().to(la.H.dtype).log().reshape(()).clone().requires_grad_(True)
+        )
         params.append(log_sigma)
     optimizer = torch.optim.Adam(params, lr=lr)
     history: dict[str, list] = {"log_marglik": [], "prior_precision": [], "sigma_noise": []}

@@ -1,4 +1,4 @@
-"""The Laplace posterior q(θ) = N(θ*, (H/T + P0)⁻¹) over all weights, the last layer or a subnetwork.
+"""The Laplace posterior q(θ) = N(θ*, (H/T + P0)⁻¹) over all weights, the last layer or a subset.
 
 Daxberger et al., "Laplace Redux", NeurIPS 2021; Immer et al., ICML 2021. One class composed of
 parts — a :class:`~marglik.curvature.subsets.ParameterSubset`, a likelihood, and a curvature
@@ -108,12 +108,23 @@ class Laplace:
             self.subset = select_subset(self.model, "last_layer", example_input=x)
             self._check_prior_shapes()
         curv: Curvature = fit_curvature(
-            self.model, self.likelihood, train_loader, self.subset, self.hessian_structure,
-            self.curvature, self.kfac_approx, self.rank, self.mc_samples, self.seed, progress,
+            self.model,
+            self.likelihood,
+            train_loader,
+            self.subset,
+            self.hessian_structure,
+            self.curvature,
+            self.kfac_approx,
+            self.rank,
+            self.mc_samples,
+            self.seed,
+            progress,
         )
         self.H, self.statistics, self.n_data = curv.structure, curv.statistics, curv.n_data
         self.mean = self.subset.vector(self.model)
-        self._sigma_fit = self.sigma_noise.detach().clone() if self.sigma_noise is not None else None
+        self._sigma_fit = (
+            self.sigma_noise.detach().clone() if self.sigma_noise is not None else None
+        )
         return self
 
     def _require_fit(self) -> None:
@@ -177,7 +188,9 @@ class Laplace:
         if delta.numel() == len(counts) and delta.numel() != self.n_params:
             return delta.repeat_interleave(torch.tensor(counts, device=delta.device))
         if delta.numel() != self.n_params:
-            raise ValueError(f"prior_precision must be a scalar, {len(counts)} or {self.n_params} values")
+            raise ValueError(
+                f"prior_precision must be a scalar, {len(counts)} or {self.n_params} values"
+            )
         return delta
 
     def _scale(self, sigma_noise: Tensor | None) -> Tensor:
@@ -185,13 +198,17 @@ class Laplace:
         scale = torch.tensor(1.0 / self.temperature, dtype=self.H.dtype, device=self.H.device)
         if self._sigma_fit is None:
             if sigma_noise is not None:
-                raise ValueError(f"sigma_noise only applies to regression, not {self.likelihood.task}")
+                raise ValueError(
+                    f"sigma_noise only applies to regression, not {self.likelihood.task}"
+                )
             return scale
         sigma = self.sigma_noise if sigma_noise is None else check_sigma(sigma_noise)
         ratio = self._sigma_fit.to(scale) / sigma.to(scale)
         if ratio.numel() > 1:
             if not torch.equal(sigma.detach().to(scale), self._sigma_fit.to(scale)):
-                raise ValueError("a per-output sigma_noise cannot change after fit(): refit instead")
+                raise ValueError(
+                    "a per-output sigma_noise cannot change after fit(): refit instead"
+                )
             return scale
         return scale * ratio.reshape(()) ** 2
 
@@ -203,10 +220,14 @@ class Laplace:
             sigma_noise = self.sigma_noise
         return self.likelihood.log_lik_from_statistics(self.statistics, sigma_noise)
 
-    def log_det_ratio(self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None) -> Tensor:
+    def log_det_ratio(
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+    ) -> Tensor:
         """log det P − log det P0 (0-d)."""
         self._require_fit()
-        delta = self.expand_prior(self.prior_precision if prior_precision is None else prior_precision)
+        delta = self.expand_prior(
+            self.prior_precision if prior_precision is None else prior_precision
+        )
         delta = delta.to(self.H.dtype)
         logdet_prior = delta.log().sum() if delta.ndim else self.n_params * delta.log()
         return self.H.logdet(self._scale(sigma_noise), delta) - logdet_prior
@@ -214,7 +235,9 @@ class Laplace:
     def scatter(self, prior_precision: Tensor | None = None) -> Tensor:
         """(θ* − μ0)ᵀ P0 (θ* − μ0) (0-d)."""
         self._require_fit()
-        delta = self.expand_prior(self.prior_precision if prior_precision is None else prior_precision)
+        delta = self.expand_prior(
+            self.prior_precision if prior_precision is None else prior_precision
+        )
         diff = self.mean - self.prior_mean.to(self.mean)
         return (delta.to(diff) * diff.square()).sum()
 
@@ -242,7 +265,7 @@ class Laplace:
         init_prior_prec: float | Tensor | None = None,
         progress: bool = False,
     ) -> dict[str, list]:
-        """Maximise the evidence over δ (and σ) by Adam in log space; see :mod:`marglik.evidence`."""
+        """Maximise the evidence over δ (and σ) by Adam in log space (:mod:`marglik.evidence`)."""
         from marglik.evidence import optimize_hyperparameters
 
         if method != "marglik":
@@ -282,8 +305,9 @@ class Laplace:
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """Draw θ ~ q(θ): (n_samples, P)."""
         scale, delta = self._precision_args()
-        eps = torch.randn(n_samples, self.n_params, generator=generator, dtype=self.H.dtype,
-                          device=self.H.device)
+        eps = torch.randn(
+            n_samples, self.n_params, generator=generator, dtype=self.H.dtype, device=self.H.device
+        )
         return self.mean + self.H.sample(eps, scale, delta).to(self.mean)
 
     def log_prob(self, theta: Tensor) -> Tensor:
@@ -305,15 +329,31 @@ class Laplace:
         joint: bool = False,
         n_samples: int = 100,
         generator: torch.Generator | None = None,
+        pred_var: bool = False,
+        enable_backprop: bool = False,
+        chunk_size: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Posterior predictive; see :func:`marglik.predictive.predict`.
 
         Classification returns probabilities (B, C); regression returns (f_mean, f_var) without
-        the observation noise (add ``la.sigma_noise**2`` for the predictive variance of y).
+        the observation noise, or with it (the predictive variance of y) when ``pred_var=True``.
+        ``joint=True`` gives the full covariance over the batch; ``enable_backprop=True`` lets
+        gradients flow to x; ``chunk_size`` bounds the inputs processed at once.
         """
         from marglik.predictive import predict
 
-        return predict(self, x, pred_type, link_approx, joint, n_samples, generator)
+        return predict(
+            self,
+            x,
+            pred_type,
+            link_approx,
+            joint,
+            n_samples,
+            generator,
+            pred_var=pred_var,
+            enable_backprop=enable_backprop,
+            chunk_size=chunk_size,
+        )
 
     # ---- saving and loading -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -338,24 +378,35 @@ class Laplace:
         }
 
     def load_state_dict(self, state: dict) -> Laplace:
-        """Restore a fitted posterior saved by :meth:`state_dict` for the same model and settings."""
+        """Restore a posterior saved by :meth:`state_dict` for the same model and settings."""
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError("not a marglik.Laplace state_dict")
-        mine = {"likelihood": type(self.likelihood).__name__, "hessian_structure": self.hessian_structure,
-                "curvature": self.curvature, "kfac_approx": self.kfac_approx}
+        mine = {
+            "likelihood": type(self.likelihood).__name__,
+            "hessian_structure": self.hessian_structure,
+            "curvature": self.curvature,
+            "kfac_approx": self.kfac_approx,
+        }
         for key, value in mine.items():
             if state[key] != value:
-                raise ValueError(f"state_dict was saved with {key}={state[key]!r}, this posterior has {value!r}")
+                raise ValueError(
+                    f"state_dict was saved with {key}={state[key]!r}, this posterior has {value!r}"
+                )
         names = state["subset"]["names"]
         params = dict(self.model.named_parameters())
         for name, shape in zip(names, state["subset"]["shapes"]):
             if name not in params or list(params[name].shape) != list(shape):
-                raise ValueError(f"state_dict does not match the model: parameter {name!r} with shape "
-                                 f"{tuple(shape)} is missing or has another shape")
-        subset = ParameterSubset(names, [torch.Size(s) for s in state["subset"]["shapes"]],
-                                 state["subset"]["index"])
+                raise ValueError(
+                    f"state_dict does not match the model: parameter {name!r} with shape "
+                    f"{tuple(shape)} is missing or has another shape"
+                )
+        subset = ParameterSubset(
+            names, [torch.Size(s) for s in state["subset"]["shapes"]], state["subset"]["index"]
+        )
         if self.subset is not None and (self.subset.names != subset.names):
-            raise ValueError(f"state_dict covers parameters {names}, this posterior {self.subset.names}")
+            raise ValueError(
+                f"state_dict covers parameters {names}, this posterior {self.subset.names}"
+            )
         self.subset = subset
         self.mean = state["mean"]
         self.prior_precision = state["prior_precision"]
@@ -368,16 +419,22 @@ class Laplace:
         self.statistics = dict(state["statistics"])
         self.H = block_from_state_dict(state["H"])
         if not torch.allclose(self.subset.vector(self.model).to(self.mean), self.mean):
-            warnings.warn("the model's weights differ from the posterior mean of the loaded state",
-                          stacklevel=2)
+            warnings.warn(
+                "the model's weights differ from the posterior mean of the loaded state",
+                stacklevel=2,
+            )
         return self
 
 
 def _check_prior(value: float | Tensor) -> Tensor:
     """δ as a tensor: 0-d or 1-d, positive and finite."""
-    value = torch.as_tensor(value, dtype=None if torch.is_tensor(value) else torch.get_default_dtype())
+    value = torch.as_tensor(
+        value, dtype=None if torch.is_tensor(value) else torch.get_default_dtype()
+    )
     if value.ndim > 1 or value.numel() == 0:
-        raise ValueError(f"prior_precision must be a scalar or a vector, got shape {tuple(value.shape)}")
+        raise ValueError(
+            f"prior_precision must be a scalar or a vector, got shape {tuple(value.shape)}"
+        )
     if not torch.isfinite(value).all() or (value <= 0).any():
         raise ValueError("prior_precision must be positive and finite")
     return value

@@ -46,6 +46,8 @@ def output_columns(
     if curvature == "ef":
         return likelihood.gradient(f, y).unsqueeze(0)
     if curvature == "ggn-mc":
-        samples = [likelihood.gradient(f, likelihood.sample(f, generator)) for _ in range(mc_samples)]
+        samples = [
+            likelihood.gradient(f, likelihood.sample(f, generator)) for _ in range(mc_samples)
+        ]
         return torch.stack(samples) / mc_samples**0.5
     raise ValueError(f"unknown curvature {curvature!r}: use one of {CURVATURES}")

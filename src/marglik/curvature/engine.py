@@ -111,14 +111,20 @@ def fit_curvature(
     if kfac_approx not in KFAC_APPROXIMATIONS:
         raise ValueError(f"unknown kfac_approx {kfac_approx!r}: use one of {KFAC_APPROXIMATIONS}")
     if structure == "kron" and subset.index is not None:
-        raise ValueError("KFAC needs whole parameter tensors: use 'full', 'diag' or 'lowrank' for a "
-                         "subnetwork given by a mask or indices")
+        raise ValueError(
+            "KFAC needs whole parameter tensors: use 'full', 'diag' or 'lowrank' for a "
+            "subnetwork given by a mask or indices"
+        )
 
     layers = find_layers(model, subset) if structure in ("kron", "diag") else []
     covered = {n for rec in layers for n in (rec.weight, rec.bias) if n}
     rest_names = [n for n in subset.names if n not in covered]
     shapes = dict(zip(subset.names, subset.shapes))
-    rest = ParameterSubset(rest_names, [shapes[n] for n in rest_names], subset.index) if rest_names else None
+    rest = (
+        ParameterSubset(rest_names, [shapes[n] for n in rest_names], subset.index)
+        if rest_names
+        else None
+    )
     if structure == "kron" and rest is not None:
         warnings.warn(f"KFAC cannot express {rest_names}; they get diagonal blocks", stacklevel=3)
 
@@ -144,8 +150,15 @@ def fit_curvature(
             n_data += fd.shape[0]
             if structure == "lowrank":
                 continue
-            U = output_columns(likelihood, fd, y, curvature, split_positions=structure != "kron",
-                               mc_samples=mc_samples, generator=gen).to(fd.dtype)
+            U = output_columns(
+                likelihood,
+                fd,
+                y,
+                curvature,
+                split_positions=structure != "kron",
+                mc_samples=mc_samples,
+                generator=gen,
+            ).to(fd.dtype)
             if layers:
                 outs = [o for rec in layers for o in rec.outputs]
                 grads = iter(backprop_columns(f, outs, U))
@@ -163,8 +176,12 @@ def fit_curvature(
                         add(rec.name + ".bias_diag", b_diag)
             del f
             if rest is not None:
-                if structure == "kron" and fd.ndim > 2 and curvature == "ggn":  # exact diagonal blocks
-                    U = output_columns(likelihood, fd, y, curvature, split_positions=True).to(fd.dtype)
+                if (
+                    structure == "kron" and fd.ndim > 2 and curvature == "ggn"
+                ):  # exact diagonal blocks
+                    U = output_columns(likelihood, fd, y, curvature, split_positions=True).to(
+                        fd.dtype
+                    )
                 M = per_sample_column_grads(model, rest, x, U)
                 if structure == "full":
                     M = M.reshape(-1, M.shape[-1]).to(acc)
@@ -182,7 +199,9 @@ def fit_curvature(
     statistics = {k[5:]: sums.pop(k) for k in list(sums) if k.startswith("stat.")}
     for key, value in sums.items():
         if not torch.isfinite(value).all():
-            raise RuntimeError(f"curvature {key!r} contains NaN/inf values: check the model and data")
+            raise RuntimeError(
+                f"curvature {key!r} contains NaN/inf values: check the model and data"
+            )
 
     if structure == "full":
         blocks: list[CurvatureBlock] = [Dense(sums["H"])]
@@ -190,7 +209,9 @@ def fit_curvature(
         k = min(subset.size, rank or 100)
         mv = ggn_matvec(model, likelihood, _Replay(loader, model), subset, curvature, seed)
         with curvature_mode(model, subset):
-            vals, vecs = lanczos(mv, subset.size, k, dtype=acc, device=next(model.parameters()).device, seed=seed)
+            vals, vecs = lanczos(
+                mv, subset.size, k, dtype=acc, device=next(model.parameters()).device, seed=seed
+            )
         blocks = [LowRank(vecs, vals)]
     else:
         blocks = _tensor_blocks(structure, subset, layers, sums)
@@ -207,7 +228,9 @@ class _Replay:
         return batches(self.loader, self.model)
 
 
-def _tensor_blocks(structure: str, subset: ParameterSubset, layers: list, sums: dict[str, Tensor]) -> list[CurvatureBlock]:
+def _tensor_blocks(
+    structure: str, subset: ParameterSubset, layers: list, sums: dict[str, Tensor]
+) -> list[CurvatureBlock]:
     """Per-tensor blocks (in subset order) for the diag and kron structures."""
     owner = {}
     for rec in layers:

@@ -46,6 +46,7 @@ def ggn_matvec(
     def matvec(v: Tensor) -> Tensor:
         out = torch.zeros(total, dtype=v.dtype, device=v.device)
         for i, (x, y) in enumerate(batches):
+
             def f(p: dict[str, Tensor], x: Tensor = x) -> Tensor:
                 return functional_call(model, p, (x,))
 
@@ -76,7 +77,7 @@ def lanczos(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Top-``rank`` eigenpairs of a symmetric PSD operator by Lanczos with full re-orthogonalisation.
+    """Top-``rank`` eigenpairs of a PSD operator by Lanczos with full re-orthogonalisation.
 
     Returns:
         (eigenvalues (rank,) in descending order, clamped at 0; eigenvectors (size, rank)).

@@ -59,7 +59,7 @@ def find_layers(model: nn.Module, subset: ParameterSubset) -> list[LayerRecord]:
 
 
 class LayerRecorder:
-    """Context manager that records inputs and outputs of the given layers; hooks removed on exit."""
+    """Records inputs and outputs of the given layers; the hooks are removed on exit."""
 
     def __init__(self, layers: list[LayerRecord]):
         self.layers = layers
@@ -95,10 +95,19 @@ def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], -1, x.shape[-1])
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(-1)
-        kernel, stride, dilation = (*module.kernel_size, 1), (*module.stride, 1), (*module.dilation, 1)
+        kernel, stride, dilation = (
+            (*module.kernel_size, 1),
+            (*module.stride, 1),
+            (*module.dilation, 1),
+        )
         padding = module.padding if isinstance(module.padding, str) else (*module.padding, 0)
     else:
-        kernel, stride, dilation, padding = module.kernel_size, module.stride, module.dilation, module.padding
+        kernel, stride, dilation, padding = (
+            module.kernel_size,
+            module.stride,
+            module.dilation,
+            module.padding,
+        )
     if isinstance(padding, str):  # "valid" or "same" (stride 1), padded as torch does
         pads = []
         for k, d in zip(reversed(kernel), reversed(dilation)):
@@ -124,10 +133,13 @@ def backprop_columns(f: Tensor, tensors: list[Tensor], U: Tensor) -> list[Tensor
     that vmap does not support fall back to one backward pass per column.
     """
     try:
-        grads = torch.autograd.grad(f, tensors, U, retain_graph=True, allow_unused=True,
-                                    is_grads_batched=True)
-        return [torch.zeros(U.shape[0], *t.shape, dtype=t.dtype, device=t.device) if g is None else g
-                for g, t in zip(grads, tensors)]
+        grads = torch.autograd.grad(
+            f, tensors, U, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        return [
+            torch.zeros(U.shape[0], *t.shape, dtype=t.dtype, device=t.device) if g is None else g
+            for g, t in zip(grads, tensors)
+        ]
     except RuntimeError:
         pass
     columns: list[list[Tensor]] = [[] for _ in tensors]

@@ -36,7 +36,9 @@ def per_sample_column_grads(
 
     out = []
     for start in range(0, x.shape[0], chunk):
-        grads = vmap(sample_grads)(x[start : start + chunk], U[:, start : start + chunk].transpose(0, 1))
+        grads = vmap(sample_grads)(
+            x[start : start + chunk], U[:, start : start + chunk].transpose(0, 1)
+        )
         flat = torch.cat([g.flatten(2) for g in grads.values()], dim=2)  # (n, K, width)
         out.append(flat.transpose(0, 1))
     G = torch.cat(out, dim=1)

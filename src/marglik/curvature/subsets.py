@@ -66,7 +66,11 @@ class ParameterSubset:
                 offset += p.numel()
 
     def state(self) -> dict:
-        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "index": self.index}
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "index": self.index,
+        }
 
 
 def select_subset(
@@ -102,18 +106,26 @@ def select_subset(
     if subset_of_weights == "requires_grad":
         return by_names([n for n, p in named if p.requires_grad])
     if subset_of_weights == "last_layer":
-        name = last_layer_name if last_layer_name is not None else find_last_layer(model, example_input)
+        name = (
+            last_layer_name
+            if last_layer_name is not None
+            else find_last_layer(model, example_input)
+        )
         return by_names(module_parameter_names(model, [name]))
     if subset_of_weights == "subnetwork":
         if subnetwork is None:
-            raise ValueError("subset_of_weights='subnetwork' needs subnetwork= module names, a mask or indices")
+            raise ValueError(
+                "subset_of_weights='subnetwork' needs subnetwork= module names, a mask or indices"
+            )
         if isinstance(subnetwork, (list, tuple)) and all(isinstance(s, str) for s in subnetwork):
             return by_names(module_parameter_names(model, list(subnetwork)))
         total = sum(p.numel() for _, p in named)
         index = torch.as_tensor(subnetwork)
         if index.dtype == torch.bool:
             if index.shape != (total,):
-                raise ValueError(f"subnetwork mask must have shape ({total},), got {tuple(index.shape)}")
+                raise ValueError(
+                    f"subnetwork mask must have shape ({total},), got {tuple(index.shape)}"
+                )
             index = index.nonzero().squeeze(1)
         index = index.long().reshape(-1).unique()
         if index.numel() == 0 or index.min() < 0 or index.max() >= total:

@@ -1,10 +1,10 @@
 """The likelihood interface: log p(y | f), its output Hessian Λ(f) and a factorisation Λ = V Vᵀ.
 
 Shapes: network outputs ``f`` are ``(N, *S, C)`` — N samples, optional shared positions ``S``
-(tokens, pixels) and C outputs per position — channels last: a convolutional model whose outputs
-are (N, C, H, W) should move channels to the end for per-pixel likelihoods. Λ acts on the last dimension, one C×C matrix per
-(sample, position). The curvature engine only needs :meth:`Likelihood.hessian_factor`,
-:meth:`Likelihood.gradient` and :meth:`Likelihood.sample`.
+(tokens, pixels) and C outputs per position, channels last: a convolutional model whose outputs
+are (N, C, H, W) should move channels to the end for per-pixel likelihoods. Λ acts on the last
+dimension, one C×C matrix per (sample, position). The curvature engine only needs
+:meth:`Likelihood.hessian_factor`, :meth:`Likelihood.gradient` and :meth:`Likelihood.sample`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class Likelihood(ABC):
             ValueError: on mismatched shapes or non-finite values.
         """
         if not torch.isfinite(f).all():
-            raise ValueError(f"model outputs contain {int((~torch.isfinite(f)).sum())} NaN/inf values")
+            raise ValueError(
+                f"model outputs contain {int((~torch.isfinite(f)).sum())} NaN/inf values"
+            )
         if y.is_floating_point() and not torch.isfinite(y).all():
             raise ValueError(f"targets contain {int((~torch.isfinite(y)).sum())} NaN/inf values")
         return f, y
@@ -65,10 +67,14 @@ class Likelihood(ABC):
         """Sufficient statistics of the data fit, summable over batches and ranks."""
         return {"log_lik": self.log_prob(f, y).sum()}
 
-    def log_lik_from_statistics(self, stats: dict[str, Tensor], sigma: Tensor | None = None) -> Tensor:
+    def log_lik_from_statistics(
+        self, stats: dict[str, Tensor], sigma: Tensor | None = None
+    ) -> Tensor:
         """Total log-likelihood of the training data from :meth:`statistics` (0-d)."""
         if sigma is not None:
-            raise ValueError(f"sigma_noise only applies to regression: {type(self).__name__} has no noise")
+            raise ValueError(
+                f"sigma_noise only applies to regression: {type(self).__name__} has no noise"
+            )
         return stats["log_lik"]
 
 

@@ -35,7 +35,9 @@ class Gaussian(Likelihood):
                 f"{tuple(f.shape)}"
             )
         if self.sigma.numel() > 1 and self.sigma.numel() != f.shape[-1]:
-            raise ValueError(f"sigma has {self.sigma.numel()} values but the model has {f.shape[-1]} outputs")
+            raise ValueError(
+                f"sigma has {self.sigma.numel()} values but the model has {f.shape[-1]} outputs"
+            )
         return f, y.to(f.dtype)
 
     def _sigma(self, f: Tensor, sigma: Tensor | None = None) -> Tensor:
@@ -62,14 +64,20 @@ class Gaussian(Likelihood):
         count = torch.full_like(residual2[0], residual2.shape[0])
         return {"sse": residual2.sum(0), "count": count}
 
-    def log_lik_from_statistics(self, stats: dict[str, Tensor], sigma: Tensor | None = None) -> Tensor:
+    def log_lik_from_statistics(
+        self, stats: dict[str, Tensor], sigma: Tensor | None = None
+    ) -> Tensor:
         s = (self.sigma if sigma is None else sigma).to(stats["sse"])
-        return (-0.5 * stats["sse"] / s**2 - stats["count"] * torch.log(s * math.sqrt(2 * math.pi))).sum()
+        return (
+            -0.5 * stats["sse"] / s**2 - stats["count"] * torch.log(s * math.sqrt(2 * math.pi))
+        ).sum()
 
 
 def check_sigma(sigma: float | Tensor) -> Tensor:
     """Return σ as a tensor, raising ValueError if it is not positive and finite."""
-    sigma = torch.as_tensor(sigma, dtype=torch.get_default_dtype() if not torch.is_tensor(sigma) else None)
+    sigma = torch.as_tensor(
+        sigma, dtype=torch.get_default_dtype() if not torch.is_tensor(sigma) else None
+    )
     if sigma.ndim > 1 or not torch.isfinite(sigma).all() or (sigma <= 0).any():
         raise ValueError(f"sigma_noise must be a positive finite scalar or vector, got {sigma}")
     return sigma
