@@ -231,3 +231,16 @@ def test_kfac_accumulates_in_the_model_dtype_at_least_float32():
     x, y, _ = data("classification")
     la = marglik.Laplace(model, "classification").fit(loader(x.float(), y))
     assert la.H.dtype == torch.float32 and la.mean.dtype == torch.float32
+
+
+def test_kfac_with_monte_carlo_and_empirical_fisher_columns():
+    model = mlp()
+    x, y, _ = data("classification")
+    exact = fitted(model, "classification", x, y, "kron").H.to_dense()
+    mc = fitted(model, "classification", x, y, "kron", curvature="ggn-mc", mc_samples=4000).H.to_dense()
+    assert (mc - exact).norm() / exact.norm() < 0.05
+    # a single linear layer's empirical-Fisher KFAC: G = Σ_n g_n g_nᵀ, A = 1/N Σ_n a_n a_nᵀ
+    lin = nn.Linear(3, 4)
+    ef = fitted(lin, "classification", x, y, "kron", curvature="ef").H.blocks[0]
+    g = torch.softmax(lin(x), -1).detach() - nn.functional.one_hot(y, 4)
+    torch.testing.assert_close(ef.to_dense(), torch.kron(g.T @ g, x.T @ x / len(x)))
