@@ -17,9 +17,10 @@ def mlp(d_in=3, d_out=4):
     return nn.Sequential(nn.Linear(d_in, 5), nn.Tanh(), nn.Linear(5, d_out))
 
 
-def cnn():
+def cnn():  # in-place activations must not corrupt the recorded layer outputs
     return nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.Flatten(), nn.Linear(8, 3)
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(2, 2, 3), nn.Flatten(),
+        nn.Linear(8, 3),
     )
 
 

@@ -77,9 +77,12 @@ class LayerRecorder:
 
     @staticmethod
     def _hook(rec: LayerRecord):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
             rec.inputs.append(layer_inputs(module, inputs[0].detach()))
             rec.outputs.append(output)
+            # the rest of the network gets a copy, so in-place ops (ReLU(inplace=True)) cannot
+            # overwrite the tensor whose gradient we take
+            return output.clone()
 
         return hook
 
