@@ -1,21 +1,70 @@
-"""Predictives of a fitted :class:`~marglik.Laplace`: GLM (linearised) and weight sampling."""
+"""Predictives of a fitted :class:`~marglik.Laplace`: GLM (linearised) and weight sampling.
+
+Immer, Korzepa & Bauer, AISTATS 2021: the GLM predictive linearises the network at θ*,
+f(x) ~ N(f(x; θ*), J(x) Σ J(x)ᵀ), and then applies a link approximation (classification) or adds
+the observation noise (regression); the "nn" predictive runs the network at θ ~ q(θ).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
-from marglik.curvature.engine import curvature_mode
-from marglik.predictive.glm import glm_moments
-from marglik.predictive.links import LINKS, bridge, monte_carlo, probit
+from marglik.likelihoods import Gaussian
+from marglik.predictive.glm import (
+    BACKENDS,
+    MAX_ELEMENTS,
+    chunk_length,
+    glm_chunks,
+    glm_moments,
+    jacobians,
+    moments,
+    resolve_backend,
+)
+from marglik.predictive.links import LINKS, bridge, bridge_log_alpha, monte_carlo, probit
 
 if TYPE_CHECKING:
     from marglik.posterior import Laplace
 
+__all__ = [
+    "BACKENDS",
+    "LINKS",
+    "MAX_ELEMENTS",
+    "PRED_TYPES",
+    "bridge",
+    "bridge_log_alpha",
+    "glm_moments",
+    "jacobians",
+    "monte_carlo",
+    "nn_predictive",
+    "predict",
+    "probit",
+]
+
 PRED_TYPES = ("glm", "nn")
+CLASSIFICATION_TASKS = ("classification", "binary")
+
+
+@contextmanager
+def prediction_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients while predicting, restored exactly afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.eval()
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def predict(
@@ -26,58 +75,224 @@ def predict(
     joint: bool = False,
     n_samples: int = 100,
     generator: torch.Generator | None = None,
+    pred_var: bool = False,
+    enable_backprop: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Posterior predictive at inputs x (B, ...).
 
+    Args:
+        la: a fitted Laplace posterior.
+        x: inputs (B, ...), the model's input shape with a leading batch dimension.
+        pred_type: ``"glm"`` (linearised, default) or ``"nn"`` (sample θ and run the network).
+        link_approx: for classification with ``"glm"``: ``"probit"``, ``"bridge"``,
+            ``"bridge_norm"`` (Laplace bridge, plain / normalised) or ``"mc"``. The ``"nn"``
+            predictive always samples.
+        joint: return the joint Gaussian over the batch, (f_mean (B·D,), cov (B·D, B·D)),
+            input-major, for any likelihood (for classification: over the logits). GLM only.
+        n_samples: samples for ``link_approx="mc"`` and for ``"nn"``.
+        generator: random generator for the samples.
+        pred_var: regression only: add the observation noise σ² to the variance, i.e. return the
+            predictive variance of y instead of that of f.
+        enable_backprop: keep the graph so that gradients flow to x through mean and variance;
+            otherwise the outputs are detached (computed without a graph).
+        chunk_size: inputs per chunk (default: as many as keep about
+            :data:`~marglik.predictive.glm.MAX_ELEMENTS` numbers in memory at once).
+        backend: ``"auto"`` (layer-wise for ``"kron"`` / ``"diag"`` posteriors, else generic),
+            ``"layerwise"`` or ``"generic"`` (per-sample Jacobians with ``torch.func``).
+
     Returns:
-        classification: class probabilities (B, C); binary: probabilities (B, C);
-        regression and other likelihoods: (f_mean (B, D), f_var (B, D, D)) — or the joint
-        covariance (B·D, B·D) with ``joint=True`` — without observation noise.
+        classification / binary: probabilities with the model's output shape (B, ..., C);
+        regression and other likelihoods: ``(f_mean, f_var)`` with f_mean of the model's output
+        shape (B, ...) and f_var (B, D, D) over the D flattened outputs of one input — without
+        the observation noise unless ``pred_var=True``; with ``joint=True`` see above.
+
+    Raises:
+        RuntimeError: the posterior is not fitted.
+        ValueError: unknown ``pred_type`` / ``link_approx`` / ``backend``, an option that does not
+            apply to the likelihood, or inputs the model cannot take.
     """
-    la._require_fit()
     if pred_type not in PRED_TYPES:
         raise ValueError(f"unknown pred_type {pred_type!r}: use one of {PRED_TYPES}")
     if link_approx not in LINKS:
         raise ValueError(f"unknown link_approx {link_approx!r}: use one of {LINKS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    la._require_fit()
+    task = la.likelihood.task
+    gaussian = isinstance(la.likelihood, Gaussian)
+    if pred_var and not gaussian:
+        raise ValueError(f"pred_var adds Gaussian observation noise: not for {task!r} likelihoods")
+    if task == "binary" and link_approx in ("bridge", "bridge_norm") and not joint:
+        raise ValueError("the Laplace bridge is for softmax outputs; use probit or mc for binary")
+    if pred_type == "nn" and joint:
+        raise ValueError("joint=True needs the GLM predictive (pred_type='glm')")
+    x = _check_inputs(la, x, enable_backprop)
+    with prediction_mode(la.model), torch.set_grad_enabled(enable_backprop):
+        out_shape = _output_shape(la, x)
+        if task == "classification" and len(out_shape) < 1:
+            raise ValueError("classification outputs must have a class dimension (B, ..., C)")
+        if pred_type == "nn":
+            out = nn_predictive(la, x, n_samples, generator, chunk_size)
+            if pred_var:
+                mean, var = out
+                out = mean, var + _noise(la, out_shape, var)
+        elif joint:
+            plan = resolve_backend(la, backend)
+            f, cov = moments(la, x, plan, joint=True, create_graph=enable_backprop)
+            if pred_var:
+                cov = cov + torch.diag(_noise_diag(la, out_shape, cov).repeat(x.shape[0]))
+            out = f.reshape(-1), cov
+        else:
+            out = _glm_marginals(la, x, task, link_approx, n_samples, generator, pred_var,
+                                 enable_backprop, chunk_size, backend, out_shape)
+    if enable_backprop:
+        return out
+    return tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
+
+
+def _glm_marginals(la: Laplace, x: Tensor, task: str, link_approx: str, n_samples: int,
+                   generator: torch.Generator | None, pred_var: bool, create_graph: bool,
+                   chunk_size: int | None, backend: str, out_shape: torch.Size
+                   ) -> Tensor | tuple[Tensor, Tensor]:
+    plan = resolve_backend(la, backend)
+    chunk = chunk_length(la, x, plan, chunk_size)
+    results = []
+    for f, cov in glm_chunks(la, x, plan, chunk, create_graph):
+        if task in CLASSIFICATION_TASKS:
+            results.append(apply_link(f, cov, link_approx, task == "binary", n_samples, generator))
+        else:
+            if pred_var:
+                cov = cov + _noise(la, out_shape, cov)
+            results.append((f, cov))
+    if task in CLASSIFICATION_TASKS:
+        return torch.cat(results)
+    means, covs = zip(*results)
+    return torch.cat(means), torch.cat(covs)
+
+
+def apply_link(f: Tensor, cov: Tensor, link_approx: str, binary: bool, n_samples: int = 100,
+               generator: torch.Generator | None = None) -> Tensor:
+    """Probabilities (B, ..., C) from logits f (B, ..., C) and covariances cov (B, D, D).
+
+    For outputs with positions (B, *S, C) each position uses its own C×C block (the
+    probabilities at one position only depend on its marginal Gaussian).
+    """
+    B, C = f.shape[0], f.shape[-1] if f.ndim > 1 else 1
+    R = f[0].numel() // C
+    blocks = cov.reshape(B, R, C, R, C).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    mean = f.reshape(B, R, C)
+    if link_approx == "probit":
+        probs = probit(mean, blocks, binary)
+    elif link_approx == "mc":
+        probs = monte_carlo(mean, blocks, n_samples, binary, generator)
+    else:
+        probs = bridge(mean, blocks, normalize=link_approx == "bridge_norm")
+    return probs.reshape(f.shape)
+
+
+def _check_inputs(la: Laplace, x: Tensor, enable_backprop: bool) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a tensor of inputs (B, ...), got {type(x).__name__}")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(
+            f"x must have a non-empty leading batch dimension, got shape {tuple(x.shape)}"
+        )
     param = next(la.model.parameters())
     x = x.to(param.device, param.dtype if x.is_floating_point() else None)
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError(f"inputs contain {int((~torch.isfinite(x)).sum())} NaN/inf values")
+    return x if enable_backprop else x.detach()
+
+
+def _output_shape(la: Laplace, x: Tensor) -> torch.Size:
+    """Shape of one output, checking that the model takes x and keeps the batch dimension."""
+    with torch.no_grad():
+        try:
+            f = la.model(x[:1])
+        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            raise ValueError(
+                f"the model cannot be applied to inputs of shape {tuple(x.shape)} "
+                f"(batch of {x.shape[0]}): {err}"
+            ) from err
+    if not isinstance(f, Tensor) or f.ndim == 0 or f.shape[0] != 1:
+        shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+        raise ValueError(f"the model must return a tensor (B, ...) keeping the batch dimension, "
+                         f"got {shape} for one input")
+    return f.shape[1:]
+
+
+def _noise_diag(la: Laplace, out_shape: torch.Size, like: Tensor) -> Tensor:
+    """σ² for each of the D flattened outputs of one input: (D,)."""
+    sigma = la.sigma_noise.detach().to(like)
+    C = out_shape[-1] if len(out_shape) else 1
+    D = out_shape.numel()
+    return (sigma.square() * torch.ones(C, dtype=like.dtype, device=like.device)).repeat(D // C)
+
+
+def _noise(la: Laplace, out_shape: torch.Size, like: Tensor) -> Tensor:
+    return torch.diag(_noise_diag(la, out_shape, like))
+
+
+def nn_predictive(
+    la: Laplace,
+    x: Tensor,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run the network at θ ~ q(θ) (underfits compared to the GLM predictive; for comparison).
+
+    Returns:
+        classification / binary: mean probabilities (B, ..., C); otherwise the sample mean
+        (B, ...) and sample covariance (B, D, D) of the outputs (no observation noise).
+    """
     task = la.likelihood.task
-    with curvature_mode(la.model, la.subset):
-        if pred_type == "nn":
-            return nn_predictive(la, x, n_samples, generator)
-        f_mean, f_var = glm_moments(la, x, joint=joint)
-    if task not in ("classification", "binary") or joint:
-        return f_mean, f_var
-    binary = task == "binary"
-    if link_approx == "probit":
-        return probit(f_mean, f_var, binary)
-    if link_approx == "mc":
-        return monte_carlo(f_mean, f_var, n_samples, binary, generator)
-    if binary:
-        raise ValueError("the Laplace bridge is for softmax outputs; use probit or mc for binary")
-    return bridge(f_mean, f_var, normalize=link_approx == "bridge_norm")
-
-
-def nn_predictive(la: Laplace, x: Tensor, n_samples: int, generator: torch.Generator | None) -> Tensor | tuple[Tensor, Tensor]:
-    """Run the network at θ ~ q(θ) (underfits compared to the GLM predictive; for comparison)."""
+    if task not in CLASSIFICATION_TASKS and n_samples < 2:
+        raise ValueError("the nn predictive needs n_samples >= 2 for a covariance")
     thetas = la.sample(n_samples, generator)
     params = {n: p.detach() for n, p in la.model.named_parameters()}
-    outs = []
+    names = la.subset.names
+    base = torch.cat([params[n].reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+    samples = []
     for theta in thetas:
-        sampled = dict(params)
-        flat = torch.cat([params[n].reshape(-1) for n in la.subset.names])
+        flat = base.clone()
         if la.subset.index is not None:
-            flat = flat.clone()
             flat[la.subset.index] = theta.to(flat)
         else:
             flat = theta.to(flat)
-        for n, chunk in zip(la.subset.names, flat.split([params[n].numel() for n in la.subset.names])):
+        sampled = dict(params)
+        for n, chunk in zip(names, flat.split(sizes)):
             sampled[n] = chunk.reshape(params[n].shape)
-        outs.append(functional_call(la.model, sampled, (x,)))
-    f = torch.stack(outs)  # (S, B, ...)
-    if la.likelihood.task == "classification":
-        return torch.softmax(f, -1).mean(0)
-    if la.likelihood.task == "binary":
-        return torch.sigmoid(f).mean(0)
-    f = f.reshape(n_samples, x.shape[0], -1)
-    return f.mean(0), torch.einsum("sbi,sbj->bij", f - f.mean(0), f - f.mean(0)) / (n_samples - 1)
+        samples.append(sampled)
+    chunk = chunk_size or max(1, MAX_ELEMENTS // max(1, 4 * n_samples * _numel_out(la, x)))
+    results = []
+    for start in range(0, x.shape[0], chunk):
+        xc = x[start : start + chunk]
+        if task in CLASSIFICATION_TASKS:
+            acc = 0
+            for sampled in samples:
+                f = functional_call(la.model, sampled, (xc,))
+                acc = acc + (torch.softmax(f, -1) if task == "classification" else torch.sigmoid(f))
+            results.append(acc / n_samples)
+        else:
+            f = torch.stack([functional_call(la.model, s, (xc,)) for s in samples])
+            mean = f.mean(0)
+            centred = (f - mean).reshape(n_samples, xc.shape[0], -1)
+            cov = torch.einsum("sbi,sbj->bij", centred, centred) / (n_samples - 1)
+            results.append((mean, cov))
+    if task in CLASSIFICATION_TASKS:
+        return torch.cat(results)
+    means, covs = zip(*results)
+    return torch.cat(means), torch.cat(covs)
+
+
+def _numel_out(la: Laplace, x: Tensor) -> int:
+    with torch.no_grad():
+        return la.model(x[:1]).numel()

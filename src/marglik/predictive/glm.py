@@ -1,47 +1,127 @@
 """The GLM (linearised) predictive f(x) ~ N(f(x; θ*), J(x) Σ J(x)ᵀ).
 
-Immer, Korzepa & Bauer, "Improving predictions of Bayesian neural nets via local
-linearization", AISTATS 2021. Inputs are processed in chunks so memory stays bounded.
+Immer, Korzepa & Bauer, "Improving predictions of Bayesian neural nets via local linearization",
+AISTATS 2021. Two ways to the functional covariance J Σ Jᵀ:
+
+- ``"layerwise"`` (:mod:`marglik.predictive.layerwise`): from layer inputs and output gradients,
+  contracted against the Kronecker / diagonal factors without forming J — for the ``"kron"`` and
+  ``"diag"`` structures over whole tensors (all weights, last layer, named modules);
+- ``"generic"``: per-sample Jacobians J (B, D, P) with ``torch.func``, then the posterior's
+  ``inv_quad`` — for every structure and subset.
+
+``"auto"`` takes the layer-wise path where it applies. Inputs are processed in chunks whose size
+bounds the numbers held at once (about :data:`MAX_ELEMENTS`), so memory stays bounded for any
+batch size; the joint covariance over a batch is computed in one piece.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from marglik.curvature.per_sample import per_sample_column_grads
+from marglik.predictive.jacobians import per_sample_jacobians
+from marglik.predictive.layerwise import (
+    LayerwisePlan,
+    functional_covariance,
+    layerwise_plan,
+    per_sample_footprint,
+    record,
+)
 
 if TYPE_CHECKING:
     from marglik.posterior import Laplace
 
+BACKENDS = ("auto", "layerwise", "generic")
 
-def jacobians(la: Laplace, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Model outputs f (B, D) and Jacobians J (B, D, P) of the flattened outputs w.r.t. the subset."""
+#: Default bound on the numbers (Jacobian entries, recorded activations) held per chunk.
+MAX_ELEMENTS = 2**24
+
+
+def jacobians(la: Laplace, x: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    """Model outputs f (B, ...) and Jacobians J (B, D, P) of the flattened outputs (generic)."""
     f = la.model(x)
-    B, out_shape = f.shape[0], f.shape[1:]
-    D = out_shape.numel()
-    U = torch.eye(D, dtype=f.dtype, device=f.device).reshape(D, 1, *out_shape).expand(D, B, *out_shape)
-    J = per_sample_column_grads(la.model, la.subset, x, U)  # (D, B, P)
-    return f.reshape(B, D), J.transpose(0, 1)
+    J = per_sample_jacobians(la.model, la.subset, x, f.shape[1:], f.dtype, create_graph)
+    return f, J
 
 
-def glm_moments(la: Laplace, x: Tensor, joint: bool = False, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Mean (B, D) and covariance of the linearised outputs.
+def resolve_backend(la: Laplace, backend: str = "auto") -> LayerwisePlan | None:
+    """The layer-wise plan, or None for the generic path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
+    if backend == "generic":
+        return None
+    plan = layerwise_plan(la)
+    if plan is None and backend == "layerwise":
+        raise ValueError(
+            "the layer-wise predictive needs a 'kron' or 'diag' posterior over whole parameter "
+            f"tensors; this one has hessian_structure={la.hessian_structure!r}"
+            + (" and a subnetwork given by indices" if la.subset.index is not None else "")
+        )
+    return plan
+
+
+def chunk_length(la: Laplace, x: Tensor, plan: LayerwisePlan | None, chunk_size: int | None,
+                 max_elements: int = MAX_ELEMENTS) -> int:
+    """Number of inputs per chunk: ``chunk_size`` or the most that fit ``max_elements``."""
+    if chunk_size is not None:
+        return int(chunk_size)
+    if plan is None:
+        with torch.no_grad():
+            D = la.model(x[:1])[0].numel()
+        per_input = 3 * D * la.n_params + 4 * D * D
+    else:
+        per_input, _ = per_sample_footprint(la, plan, x[:1])
+    return max(1, min(x.shape[0], max_elements // max(1, per_input)))
+
+
+def glm_chunks(la: Laplace, x: Tensor, plan: LayerwisePlan | None, chunk: int,
+               create_graph: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (f (n, ...), J Σ Jᵀ (n, D, D)) for consecutive chunks of x."""
+    for start in range(0, x.shape[0], chunk):
+        xc = x[start : start + chunk]
+        yield moments(la, xc, plan, joint=False, create_graph=create_graph)
+
+
+def moments(la: Laplace, x: Tensor, plan: LayerwisePlan | None, joint: bool = False,
+            create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    """Mean f (B, ...) and J Σ Jᵀ: (B, D, D), or (B·D, B·D) with ``joint=True``, for one chunk."""
+    if plan is None:
+        f, J = jacobians(la, x, create_graph)
+        P = J.shape[-1]
+        if joint:
+            cov = la.functional_variance(J.reshape(1, -1, P))[0]
+        else:
+            cov = la.functional_variance(J)
+        if not create_graph:
+            f = f.detach()
+        return f.to(cov.dtype), cov
+    f, data, J_other = record(la, plan, x, create_graph)
+    cov = functional_covariance(la, plan, data, J_other, f.shape[0], f[0].numel(), joint)
+    return f.to(cov.dtype), cov
+
+
+def glm_moments(la: Laplace, x: Tensor, joint: bool = False, chunk_size: int | None = None,
+                backend: str = "auto", create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of the linearised outputs.
+
+    Args:
+        x: inputs (B, ...).
+        joint: full covariance over the batch instead of one per input.
+        chunk_size: inputs per chunk (default: bounded by :data:`MAX_ELEMENTS`).
+        backend: ``"auto" | "layerwise" | "generic"``.
+        create_graph: keep the graph to x (for ``enable_backprop``).
 
     Returns:
-        ``joint=False``: per-input covariances (B, D, D); ``joint=True``: the full covariance over
-        the batch (B·D, B·D).
+        ``joint=False``: f (B, ...) and per-input covariances (B, D, D) of the D flattened
+        outputs; ``joint=True``: f (B, ...) and the covariance (B·D, B·D), ordered input-major.
     """
     la._require_fit()
+    plan = resolve_backend(la, backend)
     if joint:
-        f, J = jacobians(la, x)
-        Jf = J.reshape(1, -1, J.shape[-1])
-        return f, la.functional_variance(Jf)[0]
-    means, covs = [], []
-    for start in range(0, x.shape[0], chunk_size):
-        f, J = jacobians(la, x[start : start + chunk_size])
-        means.append(f)
-        covs.append(la.functional_variance(J))
+        return moments(la, x, plan, joint=True, create_graph=create_graph)
+    chunk = chunk_length(la, x, plan, chunk_size)
+    means, covs = zip(*glm_chunks(la, x, plan, chunk, create_graph))
     return torch.cat(means), torch.cat(covs)

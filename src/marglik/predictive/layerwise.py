@@ -1,0 +1,335 @@
+"""Functional variance J Σ Jᵀ from layer inputs and output gradients, without the B×C×P Jacobian.
+
+For a Linear/Conv layer applied at R shared positions (tokens, conv patches) with inputs a_r
+(D_in, unfolded for convolutions) and gradients g_{c,r} = ∂f_c/∂(layer output at r) (D_out), the
+Jacobian of output c w.r.t. the weight W (D_out × D_in, row-major) and the bias is
+
+    J_c^W = Σ_r g_{c,r} a_rᵀ,    J_c^b = Σ_r g_{c,r}.
+
+With a Kronecker posterior block P = s · G ⊗ A + δ, G = Q_G diag(μ) Q_Gᵀ, A = Q_A diag(λ) Q_Aᵀ,
+and g̃ = Q_Gᵀ g, ã = Q_Aᵀ a (design.md §2.5; the prior is added exactly in the eigenbasis),
+
+    Cov[f_c, f_c'] = Σ_ij J̃_{c,ij} J̃_{c',ij} / (s μ_i λ_j + δ),    J̃_c = Σ_r g̃_{c,r} ã_rᵀ,
+
+and without weight sharing (R = 1) the sum collapses to a rank-one form,
+
+    Cov[f_c, f_c'] = g̃_cᵀ diag(K ã²) g̃_c',    K_ij = 1 / (s μ_i λ_j + δ),
+
+which costs O(C²·D_out + D_out·D_in) per input instead of O(C·D_out·D_in). A diagonal posterior
+(P = s · h + δ elementwise) gives the same forms without the rotation. Dense blocks (KFAC bias
+blocks, G alone) contract the small per-layer Jacobian J^b directly; parameters that belong to no
+supported layer (norm layers, embeddings) get per-sample Jacobians with ``torch.func`` for those
+parameters only. The posterior blocks are those of :mod:`marglik.structures`; this module only
+reads their public factors (``Kronecker.eig()``, ``Diagonal.h``) and calls ``inv_quad``.
+
+Inputs and gradients are collected with forward hooks (:mod:`marglik.curvature.layers`): one
+forward pass per chunk of inputs and one backward pass per output column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from marglik.curvature.layers import (
+    LayerRecord,
+    LayerRecorder,
+    backprop_columns,
+    find_layers,
+    layer_inputs,
+    output_grads,
+)
+from marglik.curvature.subsets import ParameterSubset
+from marglik.predictive.jacobians import per_sample_jacobians
+from marglik.structures import BlockDiagonal, CurvatureBlock, Dense, Diagonal, Kronecker
+
+if TYPE_CHECKING:
+    from marglik.posterior import Laplace
+
+
+@dataclass
+class TensorSlot:
+    """One parameter tensor of the posterior: its slice of θ and where its Jacobian comes from."""
+
+    name: str
+    start: int
+    stop: int
+    shape: torch.Size
+    layer: LayerRecord | None  # None: per-sample Jacobian with torch.func
+    role: str  # "weight" | "bias" | "other"
+
+
+@dataclass
+class BlockSlot:
+    """A curvature block and the consecutive parameter tensors it covers."""
+
+    block: CurvatureBlock
+    start: int
+    stop: int
+    tensors: list[TensorSlot] = field(default_factory=list)
+
+
+@dataclass
+class LayerwisePlan:
+    """Which layers to record and how each posterior block is contracted."""
+
+    layers: list[LayerRecord]
+    blocks: list[BlockSlot]
+    others: ParameterSubset | None  # tensors without a supported layer, in posterior order
+    other_offsets: dict[str, tuple[int, int]]  # name -> slice in the others' Jacobian
+
+
+def layerwise_plan(la: Laplace) -> LayerwisePlan | None:
+    """The plan for ``la``'s posterior, or None where only the generic path applies.
+
+    Applies to whole parameter tensors (not a subnetwork given by indices) with Kronecker blocks
+    (each the weight of one supported layer), Diagonal blocks (any tensors) and Dense blocks of a
+    single tensor (e.g. KFAC bias blocks): the ``"kron"`` and ``"diag"`` structures over all
+    weights, the last layer or named modules. ``"full"`` and ``"lowrank"`` posteriors span all
+    tensors in one block and use the generic per-sample Jacobians.
+    """
+    subset, H = la.subset, la.H
+    if subset is None or subset.index is not None or not isinstance(H, BlockDiagonal):
+        return None
+    layers = find_layers(la.model, subset)
+    owner: dict[str, tuple[LayerRecord, str]] = {}
+    for rec in layers:
+        if rec.weight:
+            owner[rec.weight] = (rec, "weight")
+        if rec.bias:
+            owner[rec.bias] = (rec, "bias")
+    slots, offset = [], 0
+    for name, shape in zip(subset.names, subset.shapes):
+        numel = int(torch.Size(shape).numel())
+        rec, role = owner.get(name, (None, "other"))
+        slots.append(TensorSlot(name, offset, offset + numel, torch.Size(shape), rec, role))
+        offset += numel
+    if offset != H.size:
+        return None
+    blocks, i = [], 0
+    for block, start, stop in zip(H.blocks, H.offsets[:-1], H.offsets[1:]):
+        bs = BlockSlot(block, start, stop)
+        while i < len(slots) and slots[i].stop <= stop:
+            if slots[i].start < start:
+                return None
+            bs.tensors.append(slots[i])
+            i += 1
+        if not bs.tensors or bs.tensors[0].start != start or bs.tensors[-1].stop != stop:
+            return None  # the block does not cover whole tensors
+        if not _block_supported(bs):
+            return None
+        blocks.append(bs)
+    used = {id(t.layer) for bs in blocks for t in bs.tensors if t.layer is not None}
+    others = [t for bs in blocks for t in bs.tensors if t.layer is None]
+    other_subset, other_offsets, pos = None, {}, 0
+    if others:
+        other_subset = ParameterSubset([t.name for t in others], [t.shape for t in others])
+        for t in others:
+            other_offsets[t.name] = (pos, pos + t.stop - t.start)
+            pos += t.stop - t.start
+    return LayerwisePlan([r for r in layers if id(r) in used], blocks, other_subset, other_offsets)
+
+
+def _block_supported(bs: BlockSlot) -> bool:
+    block = bs.block
+    if isinstance(block, Kronecker):
+        if len(bs.tensors) != 1 or bs.tensors[0].role != "weight":
+            return False
+        shape = bs.tensors[0].shape
+        return block.m == shape[0] and block.n == int(shape[1:].numel())
+    if isinstance(block, Diagonal):
+        return True
+    return isinstance(block, Dense) and len(bs.tensors) == 1
+
+
+# ---------------------------------------------------------------------------------- recording
+class _Recorder(LayerRecorder):
+    """Records layer inputs (kept in the graph, for ``enable_backprop``) and layer outputs.
+
+    Each recorded output is returned as a copy, so that in-place operations downstream (e.g.
+    ``ReLU(inplace=True)``) cannot overwrite the tensor whose gradient we take; where nothing
+    upstream requires grad, the output becomes a leaf so the output gradients still exist.
+    """
+
+    @staticmethod
+    def _hook(rec: LayerRecord):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            rec.inputs.append(layer_inputs(module, inputs[0]))
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            rec.outputs.append(output)
+            return output.clone()
+
+        return hook
+
+
+def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Tensor) -> tuple[int, int]:
+    """(numbers held per input, outputs D) for chunking, from one forward pass on x1 (1, ...)."""
+    layers = find_layers(la.model, la.subset)
+    layers = [r for r in layers if r.name in {p.name for p in plan.layers}]
+    with torch.no_grad(), LayerRecorder(layers):
+        f = la.model(x1)
+    D = f[0].numel()
+    total = 4 * D * D
+    for rec in layers:
+        R = sum(a.shape[1] for a in rec.inputs)
+        d_out = rec.outputs[0][0].numel() // max(1, rec.inputs[0].shape[1]) if rec.outputs else 0
+        d_in = rec.inputs[0].shape[-1] if rec.inputs else 0
+        total += 3 * R * (d_in + D * d_out)  # activations, a, g and their rotations
+        if R > 1:
+            total += 3 * D * d_out * d_in  # materialised per-layer Jacobians
+    if plan.others is not None:
+        total += 3 * D * plan.others.size
+    return total, D
+
+
+def _column_grads(f: Tensor, outs: list[Tensor], create_graph: bool) -> list[Tensor]:
+    """∂f_d/∂out for every flattened output d, per input: list of (D, *out.shape).
+
+    Without a graph: one vmapped backward pass (:func:`~marglik.curvature.layers.backprop_columns`);
+    with ``create_graph`` one backward pass per column (double backward under vmap is not
+    reliable for every op).
+    """
+    B = f.shape[0]
+    flat = f.reshape(B, -1)
+    D = flat.shape[1]
+    if not create_graph:
+        U = torch.eye(D, dtype=f.dtype, device=f.device).reshape(D, 1, *f.shape[1:])
+        return backprop_columns(f, outs, U.expand(D, *f.shape))
+    grads: list[list[Tensor]] = [[] for _ in outs]
+    for d in range(D):
+        u = torch.zeros_like(flat)
+        u[:, d] = 1
+        gd = torch.autograd.grad(flat, outs, u, retain_graph=True, create_graph=create_graph,
+                                 allow_unused=True)
+        for k, (g, o) in enumerate(zip(gd, outs)):
+            grads[k].append(torch.zeros_like(o) if g is None else g)
+    return [torch.stack(g) for g in grads]
+
+
+@dataclass
+class _LayerData:
+    a: Tensor  # (N, R, D_in)
+    g: Tensor  # (D, N, R, D_out)
+
+
+def record(la: Laplace, plan: LayerwisePlan, x: Tensor, create_graph: bool
+           ) -> tuple[Tensor, dict[str, _LayerData], Tensor | None]:
+    """Model outputs f (N, ...), per-layer (a, g), and the others' Jacobians (N, D, P_other)."""
+    layers = find_layers(la.model, la.subset)
+    layers = [r for r in layers if r.name in {p.name for p in plan.layers}]
+    dtype = la.H.dtype
+    with torch.enable_grad():
+        with _Recorder(layers):
+            f = la.model(x)
+        D = f[0].numel()
+        outs = [o for rec in layers for o in rec.outputs]
+        if outs and f.requires_grad:
+            grads = iter(_column_grads(f, outs, create_graph))
+        else:
+            grads = iter([torch.zeros(D, *o.shape, dtype=o.dtype, device=o.device) for o in outs])
+    data = {}
+    for rec in layers:
+        if not rec.inputs:  # the layer did not run: its Jacobian is zero
+            continue
+        a = torch.cat(rec.inputs, 1)
+        g = torch.cat([output_grads(rec.module, next(grads)) for _ in rec.outputs], 2)
+        if not create_graph:
+            a = a.detach()
+        data[rec.name] = _LayerData(a.to(dtype), g.to(dtype))
+    J_other = None
+    if plan.others is not None:
+        J_other = per_sample_jacobians(la.model, plan.others, x, f.shape[1:], f.dtype,
+                                       create_graph).to(dtype)
+    if not create_graph:
+        f = f.detach()
+    return f, data, J_other
+
+
+# ---------------------------------------------------------------------------------- contraction
+def _tensor_jacobian(t: TensorSlot, data: dict[str, _LayerData], J_other: Tensor | None,
+                     plan: LayerwisePlan, N: int, D: int, like: Tensor) -> Tensor:
+    """Materialised Jacobian (N, D, numel) of one parameter tensor."""
+    numel = t.stop - t.start
+    if t.layer is None:
+        lo, hi = plan.other_offsets[t.name]
+        return J_other[..., lo:hi]
+    ld = data.get(t.layer.name)
+    if ld is None:
+        return like.new_zeros(N, D, numel)
+    if t.role == "bias":
+        return ld.g.sum(2).transpose(0, 1)
+    return torch.einsum("dnri,nrj->ndij", ld.g, ld.a).reshape(N, D, numel)
+
+
+def _weight_quad(ld: _LayerData, K: Tensor) -> Tensor:
+    """Σ_ij J_{c,ij} J_{c',ij} K_ij for J_c = Σ_r g_{c,r} a_rᵀ: (N, D, D)."""
+    g, a = ld.g, ld.a
+    if a.shape[1] == 1:  # rank one: g_cᵀ diag(K a²) g_c'
+        g0 = g[:, :, 0]  # (D, N, m)
+        w = a[:, 0].square() @ K.mT  # (N, m)
+        return torch.einsum("dni,eni->nde", g0 * w, g0)
+    J = torch.einsum("dnri,nrj->ndij", g, a).flatten(2)  # (N, D, m·n)
+    return (J * K.reshape(-1)) @ J.mT
+
+
+def _kron_quad(block: Kronecker, ld: _LayerData, scale: Tensor, delta: Tensor) -> Tensor:
+    mu, QG, lam, QA = block.eig()
+    K = 1 / (scale * torch.outer(mu, lam) + delta)
+    return _weight_quad(_LayerData(ld.a @ QA, ld.g @ QG), K)
+
+
+def _block_jacobian(bs: BlockSlot, data: dict[str, _LayerData], J_other: Tensor | None,
+                    plan: LayerwisePlan, N: int, D: int, like: Tensor) -> Tensor:
+    """Materialised Jacobian (N, D, p_b) of the tensors one block covers."""
+    parts = [_tensor_jacobian(t, data, J_other, plan, N, D, like) for t in bs.tensors]
+    return torch.cat(parts, -1)
+
+
+def _block_delta(delta: Tensor, bs: BlockSlot) -> Tensor:
+    return delta if delta.ndim == 0 else delta[bs.start : bs.stop]
+
+
+def functional_covariance(la: Laplace, plan: LayerwisePlan, data: dict[str, _LayerData],
+                          J_other: Tensor | None, N: int, D: int, joint: bool) -> Tensor:
+    """J Σ Jᵀ per input (N, D, D), or over the whole batch (N·D, N·D) with ``joint=True``."""
+    scale, delta = la._precision_args()
+    like = torch.zeros((), dtype=la.H.dtype, device=la.H.device)
+    if joint:
+        out = like.new_zeros(N * D, N * D)
+        for bs in plan.blocks:
+            J = _block_jacobian(bs, data, J_other, plan, N, D, like).reshape(1, N * D, -1)
+            out = out + bs.block.inv_quad(J, scale, _block_delta(delta, bs))[0]
+        return out
+    out = like.new_zeros(N, D, D)
+    for bs in plan.blocks:
+        block, d = bs.block, _block_delta(delta, bs)
+        if isinstance(block, Kronecker):
+            t = bs.tensors[0]
+            if t.layer.name in data:
+                if d.ndim == 1:
+                    if not bool(torch.all(d == d[0])):
+                        raise ValueError("KFAC blocks need one prior precision per block "
+                                         "(scalar or layer-wise), got per-parameter values")
+                    d = d[0]
+                out = out + _kron_quad(block, data[t.layer.name], scale, d)
+        elif isinstance(block, Diagonal):
+            K = 1 / (scale * block.h + d)
+            for t in bs.tensors:
+                Kt = K[t.start - bs.start : t.stop - bs.start]
+                ld = data.get(t.layer.name) if t.layer is not None else None
+                if t.role == "weight" and ld is not None:
+                    out = out + _weight_quad(ld, Kt.reshape(t.shape[0], -1))
+                elif t.role == "bias" and ld is not None:
+                    Jb = ld.g.sum(2)  # (D, N, m)
+                    out = out + torch.einsum("dni,eni->nde", Jb * Kt, Jb)
+                elif t.layer is None:
+                    J = _tensor_jacobian(t, data, J_other, plan, N, D, like)
+                    out = out + (J * Kt) @ J.mT
+        else:
+            J = _block_jacobian(bs, data, J_other, plan, N, D, like)
+            out = out + block.inv_quad(J, scale, d)
+    return out
