@@ -447,3 +447,17 @@ def test_bad_arguments_raise_clear_errors():
         la(x, link_approx="mc", n_samples=0)
     with pytest.raises(ValueError, match="chunk_size"):
         la(x, chunk_size=0)
+
+
+def test_probit_ignores_common_mode_logit_variance():
+    """softmax(f + c·1) = softmax(f): variance along 1 must not flatten the probit prediction."""
+    from marglik.predictive.links import probit
+
+    mean = torch.tensor([[2.0, -1.0, 0.5]])
+    A = torch.randn(3, 3)
+    var = A @ A.T
+    P = torch.eye(3) - 1 / 3
+    centred = P @ var @ P  # rows sum to zero: the plain formula applies unchanged
+    expected = torch.softmax((P @ mean[0]) / torch.sqrt(1 + torch.pi / 8 * centred.diagonal()), -1)
+    torch.testing.assert_close(probit(mean, var[None])[0], expected)
+    torch.testing.assert_close(probit(mean, (var + 5.0)[None]), probit(mean, var[None]))

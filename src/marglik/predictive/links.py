@@ -24,6 +24,13 @@ LINKS = ("probit", "bridge", "bridge_norm", "mc")
 def probit(f_mean: Tensor, f_var: Tensor, binary: bool = False) -> Tensor:
     """Probit approximation: softmax(μ / √(1 + π/8 · diag Σ)) (sigmoid per output if ``binary``).
 
+    For softmax outputs the Gaussian is first reduced to the centred logits N(Pμ, PΣP),
+    P = I − 11ᵀ/C (:func:`project_to_zero_sum`): softmax is invariant to adding a constant to
+    every logit, so variance along 1 does not change the prediction, but the plain probit
+    would read it as uncertainty in every class. Measured on sklearn digits (MLP 64-32-32-10,
+    evidence-tuned layer-wise prior, 540 test points): last-layer KFAC test NLL 0.269 → 0.136
+    (Monte Carlo with 1,000 samples: 0.133), all-weights KFAC 0.431 → 0.298 (MC 0.315).
+
     Args:
         f_mean: logit means (..., C).
         f_var: logit covariances (..., C, C); only the diagonal is used.
@@ -32,6 +39,8 @@ def probit(f_mean: Tensor, f_var: Tensor, binary: bool = False) -> Tensor:
     Returns:
         probabilities (..., C).
     """
+    if not binary:  # softmax(f) = softmax(Pf): drop the common-mode variance first
+        f_mean, f_var = project_to_zero_sum(f_mean, f_var)
     var = f_var.diagonal(dim1=-2, dim2=-1)
     kappa = torch.rsqrt(1 + math.pi / 8 * var)
     return torch.sigmoid(kappa * f_mean) if binary else torch.softmax(kappa * f_mean, -1)
