@@ -23,7 +23,7 @@ from tqdm.auto import trange
 from marglik.evidence import prior_shape
 from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
 from marglik.posterior import Laplace
-from marglik.training import _n_data, prior_term
+from marglik.training import _n_data, map_loss
 
 
 def marglik_training(
@@ -133,8 +133,7 @@ def marglik_training(
         for x, y in train_loader:
             x = x.to(param.device, param.dtype if x.is_floating_point() else None)
             optimizer.zero_grad()
-            nll = -lik.log_prob(model(x), y.to(param.device)).mean()
-            loss = nll + prior_term(model, delta, n_data)
+            loss = map_loss(model, lik, x, y.to(param.device), delta, n_data)
             loss.backward()
             optimizer.step()
             total, batches = total + loss.item(), batches + 1

@@ -8,7 +8,9 @@ i.e. the negative log joint −log p(D, θ) divided by N, estimated on the batch
 prior precision δ this is Adam with coupled weight decay δ/N (``torch.optim.Adam(weight_decay=)``);
 a layer-wise δ (one value per parameter tensor, in ``named_parameters()`` order) or a
 per-parameter δ (one per entry) gives each weight its own decay. This is the objective whose
-mode :class:`marglik.Laplace` expands around, so a δ tuned by the evidence can be fed back here.
+mode :class:`marglik.Laplace` expands around, so a δ tuned by the evidence can be fed back here:
+:func:`marglik.online.marglik_training` alternates the two during training (Immer et al.,
+ICML 2021, Algorithm 1).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tqdm.auto import trange
 
 from marglik.likelihoods import Likelihood, get_likelihood
 
-__all__ = ["prior_term", "train_map"]
+__all__ = ["map_loss", "prior_term", "train_map"]
 
 
 def _n_data(loader: Iterable) -> int:
@@ -48,7 +50,8 @@ def _expand_prior(model: nn.Module, prior_precision: float | Tensor) -> list[Ten
     if delta.ndim == 1 and delta.numel() == len(params) and delta.numel() != total:
         return list(delta.unbind())
     if delta.ndim == 1 and delta.numel() == total:
-        return [d.reshape(p.shape) for d, p in zip(delta.split([p.numel() for p in params]), params)]
+        chunks = delta.split([p.numel() for p in params])
+        return [d.reshape(p.shape) for d, p in zip(chunks, params)]
     raise ValueError(
         f"prior_precision has {delta.numel()} values: give a scalar, {len(params)} (one per "
         f"trainable parameter tensor: {names}) or {total} (one per parameter)"
@@ -61,6 +64,19 @@ def prior_term(model: nn.Module, prior_precision: float | Tensor, n_data: int) -
     deltas = _expand_prior(model, prior_precision)
     total = sum((d.to(p) * p.square()).sum() for d, p in zip(deltas, params))
     return 0.5 * total / n_data
+
+
+def map_loss(
+    model: nn.Module,
+    likelihood: Likelihood,
+    x: Tensor,
+    y: Tensor,
+    prior_precision: float | Tensor,
+    n_data: int,
+) -> Tensor:
+    """(1/B) Σ_b −log p(y_b | f(x_b)) + δ‖θ‖²/(2N) for a batch x (B, ...), y (B, ...): 0-d."""
+    nll = -likelihood.log_prob(model(x), y).mean()
+    return nll + prior_term(model, prior_precision, n_data)
 
 
 def train_map(
@@ -119,8 +135,7 @@ def train_map(
             x = x.to(param.device, param.dtype if x.is_floating_point() else None)
             y = y.to(param.device)
             optimizer.zero_grad()
-            nll = -lik.log_prob(model(x), y).mean()
-            loss = nll + prior_term(model, prior_precision, n_data)
+            loss = map_loss(model, lik, x, y, prior_precision, n_data)
             loss.backward()
             optimizer.step()
             total, batches = total + loss.item(), batches + 1
