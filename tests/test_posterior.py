@@ -257,3 +257,10 @@ def test_state_dict_round_trip(structure, tmp_path):
             "regression",
             hessian_structure=structure,
         ).load_state_dict(state)
+
+
+def test_last_layer_detection_casts_inputs_to_the_model_dtype():
+    model = mlp().float()
+    x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))  # float64 data, float32 model
+    la = marglik.Laplace(model, "classification", "last_layer").fit(loader(x, y))
+    assert la.subset.names == ["2.weight", "2.bias"] and la.H.dtype == torch.float32

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from marglik.curvature.engine import Curvature, fit_curvature
+from marglik.curvature.engine import Curvature, batches, fit_curvature
 from marglik.curvature.subsets import ParameterSubset, select_subset
 from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
 from marglik.likelihoods.gaussian import check_sigma
@@ -104,7 +104,7 @@ class Laplace:
             first = next(iter(train_loader), None)
             if first is None:
                 raise ValueError("the data loader is empty")
-            x = first[0].to(next(self.model.parameters()).device)
+            x, _ = next(batches([first], self.model))
             self.subset = select_subset(self.model, "last_layer", example_input=x)
             self._check_prior_shapes()
         curv: Curvature = fit_curvature(
