@@ -17,7 +17,7 @@ def _spd(n, seed):
 @pytest.fixture
 def factorisation_counter(monkeypatch):
     """Count calls of the O(p³) factorisations."""
-    counts = {"eigh": 0, "cholesky": 0}
+    counts = {"eigh": 0, "eigvalsh": 0, "cholesky": 0}
 
     def wrap(name):
         original = getattr(torch.linalg, name)
@@ -29,6 +29,7 @@ def factorisation_counter(monkeypatch):
         monkeypatch.setattr(torch.linalg, name, counted)
 
     wrap("eigh")
+    wrap("eigvalsh")
     wrap("cholesky")
     return counts
 
@@ -40,6 +41,7 @@ def test_scalar_hyperparameter_steps_reuse_the_eigendecomposition(make, factoris
     block = make()
     J = torch.randn(2, 3, 6, dtype=torch.float64)
     block.logdet(1.0, 1.0)
+    block.inv_quad(J, 1.0, 1.0)
     first = dict(factorisation_counter)
     assert first["eigh"] >= 1
     for step in range(5):
@@ -56,7 +58,17 @@ def test_scalar_hyperparameter_steps_reuse_the_eigendecomposition(make, factoris
 def test_dense_vector_delta_uses_cholesky(factorisation_counter):
     block = Dense(_spd(4, 3))
     block.logdet(1.0, torch.rand(4, dtype=torch.float64) + 0.1)
-    assert factorisation_counter == {"eigh": 0, "cholesky": 1}
+    assert factorisation_counter == {"eigh": 0, "eigvalsh": 0, "cholesky": 1}
+
+
+def test_dense_log_determinants_need_eigenvalues_only(factorisation_counter):
+    """Evidence optimisation never pays for eigenvectors (eigvalsh is several times cheaper)."""
+    H = _spd(5, 6)
+    block = Dense(H)
+    for delta in (0.5, 1.0, 2.0):
+        expected = torch.linalg.slogdet(2.0 * H + delta * torch.eye(5, dtype=torch.float64))[1]
+        assert_close(block.logdet(2.0, delta), expected, **TOL)
+    assert factorisation_counter == {"eigh": 0, "eigvalsh": 1, "cholesky": 0}
 
 
 def test_differentiable_curvature_is_not_cached():

@@ -44,6 +44,7 @@ class Dense(CurvatureBlock):
         check_square(H, "H")
         self.H = H
         self._eig_cache: tuple[Tensor, Tensor] | None = None
+        self._evals_cache: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -66,6 +67,18 @@ class Dense(CurvatureBlock):
             self._eig_cache = (evals, evecs)
         return evals, evecs
 
+    def eigenvalues(self) -> Tensor:
+        """Cached eigenvalues λ ≥ 0 of ``H``: (p,). Several times cheaper than :meth:`eig`, so
+        evidence optimisation (which needs only log-determinants) never computes eigenvectors."""
+        if self._eig_cache is not None:
+            return self._eig_cache[0]
+        if self._evals_cache is not None:
+            return self._evals_cache
+        evals = torch.linalg.eigvalsh(0.5 * (self.H + self.H.mT)).clamp(min=0)
+        if not self.H.requires_grad:
+            self._evals_cache = evals
+        return evals
+
     def _cholesky(self, scale: Tensor, delta: Tensor) -> Tensor:
         """Lower Cholesky factor of ``scale · H + diag(delta)`` for a ``(p,)`` delta (``O(p³)``)."""
         P = scale * self.H + torch.diag(delta)
@@ -79,8 +92,7 @@ class Dense(CurvatureBlock):
     def logdet(self, scale: Tensor, delta: Tensor) -> Tensor:
         scale, delta = check_scale(scale), self._prepare_delta(delta)
         if delta.dim() == 0:
-            d, _ = self._eig_denominator(scale, delta)
-            return torch.log(d).sum()
+            return torch.log(scale * self.eigenvalues() + delta).sum()
         L = self._cholesky(scale, delta)
         return 2.0 * torch.log(torch.diagonal(L)).sum()
 
@@ -153,4 +165,6 @@ class Dense(CurvatureBlock):
         new = Dense(fn(self.H))
         if self._eig_cache is not None:
             new._eig_cache = (fn(self._eig_cache[0]), fn(self._eig_cache[1]))
+        if self._evals_cache is not None:
+            new._evals_cache = fn(self._evals_cache)
         return new
