@@ -15,7 +15,7 @@ and the curvature sums for the requested structure, all-reduces them across rank
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -46,11 +46,11 @@ class Curvature:
 
 
 @contextmanager
-def curvature_mode(model: nn.Module, subset: ParameterSubset) -> Iterator[None]:
-    """Eval mode and gradients only for the subset, restored exactly afterwards."""
+def eval_mode(model: nn.Module, requires_grad: Collection[str] = ()) -> Iterator[None]:
+    """Eval mode, gradients only for the named parameters; both restored exactly afterwards."""
     modes = {m: m.training for m in model.modules()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    chosen = set(subset.names)
+    chosen = set(requires_grad)
     model.eval()
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
@@ -138,7 +138,7 @@ def fit_curvature(
 
     n_data = 0
     gen = torch.Generator().manual_seed(seed)
-    with curvature_mode(model, subset), LayerRecorder(layers) as recorder:
+    with eval_mode(model, subset.names), LayerRecorder(layers) as recorder:
         for x, y in tqdm(batches(loader, model), disable=not progress, desc="curvature"):
             recorder.clear()
             grad_context = torch.enable_grad() if layers else torch.no_grad()
@@ -208,7 +208,7 @@ def fit_curvature(
     elif structure == "lowrank":
         k = min(subset.size, rank or 100)
         mv = ggn_matvec(model, likelihood, _Replay(loader, model), subset, curvature, seed)
-        with curvature_mode(model, subset):
+        with eval_mode(model, subset.names):
             vals, vecs = lanczos(
                 mv, subset.size, k, dtype=acc, device=next(model.parameters()).device, seed=seed
             )

@@ -7,14 +7,13 @@ the observation noise (regression); the "nn" predictive runs the network at θ ~
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
+from marglik.curvature.engine import eval_mode
 from marglik.likelihoods import Gaussian
 from marglik.predictive.glm import (
     BACKENDS,
@@ -48,23 +47,6 @@ __all__ = [
 
 PRED_TYPES = ("glm", "nn")
 CLASSIFICATION_TASKS = ("classification", "binary")
-
-
-@contextmanager
-def prediction_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients while predicting, restored exactly afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    model.eval()
-    for p in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
 
 
 def predict(
@@ -133,7 +115,7 @@ def predict(
     if pred_type == "nn" and joint:
         raise ValueError("joint=True needs the GLM predictive (pred_type='glm')")
     x = _check_inputs(la, x, enable_backprop)
-    with prediction_mode(la.model), torch.set_grad_enabled(enable_backprop):
+    with eval_mode(la.model), torch.set_grad_enabled(enable_backprop):
         out_shape = _output_shape(la, x)
         if task == "classification" and len(out_shape) < 1:
             raise ValueError("classification outputs must have a class dimension (B, ..., C)")
