@@ -378,7 +378,10 @@ class Laplace:
         }
 
     def load_state_dict(self, state: dict) -> Laplace:
-        """Restore a posterior saved by :meth:`state_dict` for the same model and settings."""
+        """Restore a posterior saved by :meth:`state_dict` for the same model and settings.
+
+        Its tensors are moved to the device of the model, whichever device they were saved on.
+        """
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError("not a marglik.Laplace state_dict")
         mine = {
@@ -408,7 +411,8 @@ class Laplace:
                 f"state_dict covers parameters {names}, this posterior {self.subset.names}"
             )
         self.subset = subset
-        self.mean = state["mean"]
+        device = next(self.model.parameters()).device  # tensors follow the model, as in nn.Module
+        self.mean = state["mean"].to(device)
         self.prior_precision = state["prior_precision"]
         self._prior_mean = state["prior_mean"]
         self.temperature = state["temperature"]
@@ -416,8 +420,8 @@ class Laplace:
             self.sigma_noise = state["sigma_noise"]
         self._sigma_fit = state["sigma_fit"]
         self.n_data = state["n_data"]
-        self.statistics = dict(state["statistics"])
-        self.H = block_from_state_dict(state["H"])
+        self.statistics = {k: v.to(device) for k, v in state["statistics"].items()}
+        self.H = block_from_state_dict(state["H"]).to(device)
         if not torch.allclose(self.subset.vector(self.model).to(self.mean), self.mean):
             warnings.warn(
                 "the model's weights differ from the posterior mean of the loaded state",
