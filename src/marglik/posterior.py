@@ -40,7 +40,8 @@ class Laplace:
         sigma_noise: σ of the Gaussian likelihood (regression only), scalar or one per output.
         temperature: T; the posterior precision is H/T + P0.
         prior_mean: μ0, a scalar or one value per parameter.
-        subnetwork: module names, a boolean mask or flat indices for ``"subnetwork"``.
+        subnetwork: module or parameter names, a boolean mask or flat indices for
+            ``"subnetwork"``.
         last_layer_name: module name of the last layer (default: found by running the model).
         rank: number of eigenpairs for ``"lowrank"``.
         mc_samples: sampled targets per input for ``"ggn-mc"``.
@@ -94,11 +95,22 @@ class Laplace:
             self._check_prior_shapes()
 
     # ---- fitting ------------------------------------------------------------------------------
-    def fit(self, train_loader: Iterable, progress: bool = False) -> Laplace:
+    def fit(
+        self, train_loader: Iterable, progress: bool = False, create_graph: bool = False
+    ) -> Laplace:
         """Fit the curvature over ``train_loader`` (any iterable of (x, y)) at the current weights.
 
         Under an initialised ``torch.distributed`` process group the statistics of all ranks are
         summed, so each rank passes its own shard of the data.
+
+        With ``create_graph=True`` the curvature and the data fit keep their autograd graph to
+        the tensors the forward pass (or the likelihood) uses besides the posterior's own
+        weights, which are held at their values: :meth:`log_marginal_likelihood` is then
+        differentiable in such hyperparameters (e.g. a learned input transformation whose
+        parameters are left out of the subset), through log p(D|θ*, h) and log det(H(h)/T + P0).
+        Take gradients with ``torch.autograd.grad(log_z, hyperparameters)``; the graph also
+        reaches the weights. Exact GGN with ``"full"``, ``"diag"`` or ``"kron"`` only; see
+        :func:`~marglik.curvature.engine.fit_curvature` for the cost.
         """
         if self.subset is None:  # last layer found from the first batch
             first = next(iter(train_loader), None)
@@ -119,6 +131,7 @@ class Laplace:
             self.mc_samples,
             self.seed,
             progress,
+            create_graph=create_graph,
         )
         self.H, self.statistics, self.n_data = curv.structure, curv.statistics, curv.n_data
         self.mean = self.subset.vector(self.model)
@@ -228,7 +241,7 @@ class Laplace:
         delta = self.expand_prior(
             self.prior_precision if prior_precision is None else prior_precision
         )
-        delta = delta.to(self.H.dtype)
+        delta = delta.to(self.H.device, self.H.dtype)
         logdet_prior = delta.log().sum() if delta.ndim else self.n_params * delta.log()
         return self.H.logdet(self._scale(sigma_noise), delta) - logdet_prior
 
@@ -277,7 +290,9 @@ class Laplace:
     # ---- the Gaussian posterior ---------------------------------------------------------------
     def _precision_args(self) -> tuple[Tensor, Tensor]:
         self._require_fit()
-        return self._scale(None), self.expand_prior(self.prior_precision).to(self.H.dtype)
+        return self._scale(None), self.expand_prior(self.prior_precision).to(
+            self.H.device, self.H.dtype
+        )
 
     @property
     def posterior_precision(self) -> Tensor:
