@@ -6,14 +6,23 @@ at the current θ and take ``n_hypersteps`` Adam steps on −log Z over log δ (
 fixed. The (θ, δ, σ) with the best evidence is kept; at the end it is restored and refitted.
 Resuming from a checkpoint reproduces an uninterrupted run exactly (the global RNG state and a
 DataLoader's own generator are saved).
+
+Further differentiable hyperparameters h that the model's forward pass or the likelihood uses
+(a learned input scaling, augmentation parameters) can be registered. The evidence
+
+    log Z(h) = log p(D | θ*, h) − ½ (θ*−μ0)ᵀP0(θ*−μ0) − ½ (log det(H(h)/T + P0) − log det P0)
+
+depends on h through the data fit and the curvature, so the curvature is refitted with an
+autograd graph to h (θ* held at its current value) before every hyper-step.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -45,11 +54,14 @@ def marglik_training(
     checkpoint: str | os.PathLike | None = None,
     callback: Callable[[int, nn.Module, Laplace | None, dict], None] | None = None,
     progress: bool = False,
+    hyperparameters: Tensor | Iterable[Tensor] | None = None,
+    hyper_batches: int | None = None,
 ) -> tuple[Laplace, nn.Module, dict[str, list]]:
     """Train ``model`` and its hyperparameters jointly by the Laplace evidence.
 
     Args:
-        model: the network (trained in place; all its parameters are in the posterior).
+        model: the network (trained in place; all its parameters except registered
+            ``hyperparameters`` are in the posterior).
         train_loader: a re-iterable DataLoader of (x, y).
         likelihood: ``"classification" | "regression" | "binary"`` or a Likelihood object
             (e.g. :class:`~marglik.likelihoods.NaturalGaussian` for heteroscedastic regression).
@@ -63,11 +75,42 @@ def marglik_training(
         checkpoint: a file path; the state after every epoch is saved there (``torch.save``,
             loadable with ``weights_only=True``) and, if it exists, training resumes from it.
         callback: called as ``callback(epoch, model, la, history)`` after every epoch.
+        progress: show a tqdm bar over epochs.
+        hyperparameters: further hyperparameters h learned by the evidence: a leaf tensor or an
+            iterable of leaf tensors with ``requires_grad=True`` that the model's forward pass
+            or the likelihood uses, e.g. the log-scales of a learned input transformation.
+            They may be parameters of ``model`` (then they are not weights: they are left out
+            of the posterior, of the prior term and of θ's optimizer) or tensors held outside
+            it; they must act in eval mode, where the curvature is fitted. Adam with
+            ``lr_hyp`` updates them together with log δ and log σ. Each of the
+            ``n_hypersteps`` steps refits the curvature at the current θ with a graph to h
+            (exact GGN, ``hessian_structure`` ``"full" | "kron" | "diag"``; log δ and log σ
+            then step on that refitted curvature too), so an evidence update costs
+            ``n_hypersteps`` differentiable passes (with the backward pass about 1.5–3 times
+            a plain fit each, holding the graph of the batches used) plus one plain fit for
+            the new evidence.
+            The h-gradient at fixed θ is the total one only at the mode θ*(h) (envelope
+            theorem); away from it the data fit pulls h back towards the value θ was trained
+            for. Prefer few steps per update (e.g. ``n_hypersteps=1``), frequent updates and θ
+            trained close to convergence in between: the fixed point of the alternation is the
+            joint evidence optimum.
+        hyper_batches: with ``hyperparameters``, fit the differentiable curvature on only the
+            first ``hyper_batches`` batches of a fresh pass over ``train_loader`` (different
+            batches per step for a shuffling loader). The n of N samples stand for the data
+            set: curvature and data fit are scaled by N/n, a cheaper, noisier evidence.
 
     Returns:
         (la, model, history): the fitted Laplace at the best-evidence state, the model holding
-        those weights, and per-epoch lists ``"loss"``, ``"log_marglik"`` (NaN when not
-        evaluated), ``"prior_precision"``, ``"sigma_noise"``.
+        those weights (and the hyperparameters set to their values at that state), and
+        per-epoch lists ``"loss"``, ``"log_marglik"`` (NaN when not evaluated),
+        ``"prior_precision"``, ``"sigma_noise"`` and, with ``hyperparameters``,
+        ``"hyperparameters"`` (per epoch a list with each tensor's ``tolist()``).
+
+    Raises:
+        ValueError: for hyperparameters that are not leaf floating tensors requiring grad,
+            are given twice, cover every parameter of the model, or (during training) do not
+            affect the evidence; and for a structure or curvature that cannot differentiate
+            the curvature.
     """
     lik = get_likelihood(likelihood, sigma_noise_init)
     if tune_sigma is None:
@@ -80,11 +123,46 @@ def marglik_training(
     if n_data == 0:
         raise ValueError("the data loader is empty")
     laplace_kwargs = dict(laplace_kwargs or {})
+    extra = _check_hyperparameters(hyperparameters, model)
+    subset: dict[str, Any] = {"subset_of_weights": "all"}
+    if extra:
+        if hessian_structure not in ("full", "kron", "diag"):
+            raise ValueError(
+                "hyperparameters need hessian_structure 'full', 'kron' or 'diag', got "
+                f"{hessian_structure!r}"
+            )
+        if laplace_kwargs.get("curvature", "ggn") != "ggn":
+            raise ValueError(
+                f"hyperparameters need curvature='ggn', got {laplace_kwargs['curvature']!r}"
+            )
+        ids = {id(h) for h in extra}
+        weights = [n for n, p in model.named_parameters() if id(p) not in ids]
+        if not weights:
+            raise ValueError(
+                "every parameter of the model is a hyperparameter: none is left for the posterior"
+            )
+        subset = {"subset_of_weights": "subnetwork", "subnetwork": weights}
+    if hyper_batches is not None:
+        if not extra:
+            raise ValueError("hyper_batches applies only with hyperparameters")
+        if isinstance(hyper_batches, bool) or not isinstance(hyper_batches, int):
+            raise ValueError(f"hyper_batches must be a positive integer, got {hyper_batches!r}")
+        if hyper_batches < 1:
+            raise ValueError(f"hyper_batches must be a positive integer, got {hyper_batches}")
+    hyper_loader = (
+        train_loader if hyper_batches is None else _FirstBatches(train_loader, hyper_batches)
+    )
 
     def new_laplace(delta: Tensor, sigma: Tensor | None) -> Laplace:
         kw = {"sigma_noise": sigma} if sigma is not None else {}
         return Laplace(
-            model, lik, "all", hessian_structure, prior_precision=delta, **kw, **laplace_kwargs
+            model,
+            lik,
+            hessian_structure=hessian_structure,
+            prior_precision=delta,
+            **subset,
+            **kw,
+            **laplace_kwargs,
         )
 
     la = new_laplace(torch.tensor(prior_prec_init), None)
@@ -96,20 +174,31 @@ def marglik_training(
     if tune_sigma:
         log_sigma = torch.tensor(math.log(sigma_noise_init), dtype=dtype, requires_grad=True)
         hypers.append(log_sigma)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    extra_ids = {id(h) for h in extra}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if id(p) not in extra_ids], lr=lr)
     hyper_optimizer = torch.optim.Adam(hypers, lr=lr_hyp)
+    if extra:
+        hyper_optimizer.add_param_group({"params": extra})
     history: dict[str, list] = {
         "loss": [],
         "log_marglik": [],
         "prior_precision": [],
         "sigma_noise": [],
     }
+    if extra:
+        history["hyperparameters"] = []
     best: dict[str, Any] = {"log_marglik": -math.inf}
     start = 0
     loader_rng = getattr(train_loader, "generator", None)  # a DataLoader's own shuffling RNG
 
     if checkpoint is not None and os.path.exists(checkpoint):
         state = torch.load(checkpoint, weights_only=True)
+        saved = state.get("hyperparameters") or []
+        if len(saved) != len(extra):
+            raise ValueError(
+                f"the checkpoint holds {len(saved)} hyperparameters, this run registers "
+                f"{len(extra)}"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         hyper_optimizer.load_state_dict(state["hyper_optimizer"])
@@ -117,6 +206,8 @@ def marglik_training(
             log_prior.copy_(state["log_prior"])
             if log_sigma is not None:
                 log_sigma.copy_(state["log_sigma"])
+            for h, value in zip(extra, saved):
+                h.copy_(value)
         history, best, start = state["history"], state["best"], state["epoch"] + 1
         torch.set_rng_state(state["rng"])
         if loader_rng is not None:
@@ -133,7 +224,7 @@ def marglik_training(
         for x, y in train_loader:
             x = x.to(param.device, param.dtype if x.is_floating_point() else None)
             optimizer.zero_grad()
-            loss = map_loss(model, lik, x, y.to(param.device), delta, n_data)
+            loss = map_loss(model, lik, x, y.to(param.device), delta, n_data, extra)
             loss.backward()
             optimizer.step()
             total, batches = total + loss.item(), batches + 1
@@ -142,13 +233,22 @@ def marglik_training(
         log_marglik = math.nan
         if epoch >= n_epochs_burnin and (epoch - n_epochs_burnin) % marglik_frequency == 0:
             sigma = log_sigma.detach().exp() if log_sigma is not None else None
-            la = new_laplace(delta, sigma).fit(train_loader)
-            for _ in range(n_hypersteps):
-                hyper_optimizer.zero_grad()
-                s = log_sigma.exp() if log_sigma is not None else None
-                neg = -la.log_marginal_likelihood(log_prior.exp(), s)
-                neg.backward()
-                hyper_optimizer.step()
+            if extra:  # the curvature depends on h: refit it differentiably per step
+                for _ in range(n_hypersteps):
+                    hyper_optimizer.zero_grad()
+                    la = new_laplace(delta, sigma)
+                    neg = -_differentiable_evidence(la, hyper_loader, n_data, log_prior, log_sigma)
+                    _set_gradients(neg, hypers, extra)
+                    hyper_optimizer.step()
+                la = new_laplace(delta, sigma).fit(train_loader)
+            else:
+                la = new_laplace(delta, sigma).fit(train_loader)
+                for _ in range(n_hypersteps):
+                    hyper_optimizer.zero_grad()
+                    s = log_sigma.exp() if log_sigma is not None else None
+                    neg = -la.log_marginal_likelihood(log_prior.exp(), s)
+                    neg.backward()
+                    hyper_optimizer.step()
             s = log_sigma.detach().exp() if log_sigma is not None else None
             log_marglik = la.log_marginal_likelihood(log_prior.detach().exp(), s).item()
             if log_marglik > best["log_marglik"]:
@@ -158,13 +258,18 @@ def marglik_training(
                     "log_prior": log_prior.detach().clone(),
                     "log_sigma": None if log_sigma is None else log_sigma.detach().clone(),
                 }
+                if extra:
+                    best["hyperparameters"] = [h.detach().clone() for h in extra]
         history["log_marglik"].append(log_marglik)
         history["prior_precision"].append(log_prior.detach().exp().tolist())
         history["sigma_noise"].append(
             None if log_sigma is None else log_sigma.detach().exp().item()
         )
+        if extra:
+            history["hyperparameters"].append([h.detach().tolist() for h in extra])
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", log_marglik=f"{log_marglik:.1f}")
         if checkpoint is not None:
+            extra_state = {"hyperparameters": [h.detach() for h in extra]} if extra else {}
             torch.save(
                 {
                     "model": model.state_dict(),
@@ -177,6 +282,7 @@ def marglik_training(
                     "epoch": epoch,
                     "rng": torch.get_rng_state(),
                     "loader_rng": None if loader_rng is None else loader_rng.get_state(),
+                    **extra_state,
                 },
                 checkpoint,
             )
@@ -187,6 +293,9 @@ def marglik_training(
         model.load_state_dict(best["model"])
         delta = best["log_prior"].exp()
         sigma = None if best["log_sigma"] is None else best["log_sigma"].exp()
+        with torch.no_grad():
+            for h, value in zip(extra, best.get("hyperparameters", [])):
+                h.copy_(value)
     else:  # no evidence evaluated (burn-in covered every epoch): keep the last state
         delta = log_prior.detach().exp()
         sigma = None if log_sigma is None else log_sigma.detach().exp()
@@ -195,6 +304,91 @@ def marglik_training(
     model.eval()
     la = new_laplace(delta, sigma).fit(train_loader)
     return la, model, history
+
+
+class _FirstBatches:
+    """The first ``k`` batches of a fresh pass over ``loader`` (re-iterable)."""
+
+    def __init__(self, loader: Iterable, k: int):
+        self.loader, self.k = loader, k
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.loader), self.k)
+
+
+def _check_hyperparameters(
+    hyperparameters: Tensor | Iterable[Tensor] | None, model: nn.Module
+) -> list[Tensor]:
+    """The registered hyperparameters as a list of distinct leaf tensors requiring grad."""
+    if hyperparameters is None:
+        return []
+    if isinstance(hyperparameters, Tensor):
+        hyperparameters = [hyperparameters]
+    try:
+        given = list(hyperparameters)
+    except TypeError:
+        raise ValueError(
+            "hyperparameters must be a tensor or an iterable of tensors, got "
+            f"{type(hyperparameters).__name__}"
+        ) from None
+    seen: set[int] = set()
+    for i, h in enumerate(given):
+        if not isinstance(h, Tensor):
+            raise ValueError(f"hyperparameters[{i}] is a {type(h).__name__}, not a tensor")
+        if not h.is_floating_point():
+            raise ValueError(f"hyperparameters[{i}] must be a floating tensor, got {h.dtype}")
+        if not h.requires_grad:
+            raise ValueError(
+                f"hyperparameters[{i}] does not require grad: create it with "
+                "requires_grad=True (or as an nn.Parameter)"
+            )
+        if not h.is_leaf:
+            raise ValueError(
+                f"hyperparameters[{i}] is not a leaf tensor (it is computed from other "
+                "tensors): register the tensor the optimizer should update"
+            )
+        if id(h) in seen:
+            raise ValueError(f"hyperparameters[{i}] is registered twice")
+        seen.add(id(h))
+    return given
+
+
+def _differentiable_evidence(
+    la: Laplace,
+    loader: Iterable,
+    n_data: int,
+    log_prior: Tensor,
+    log_sigma: Tensor | None,
+) -> Tensor:
+    """log Z at exp(log δ), exp(log σ) from a curvature fitted with a graph to the hyperparameters.
+
+    If ``loader`` yields only n < N = ``n_data`` samples, they stand for the data set: the
+    data-fit statistics are scaled by N/n and the curvature by tempering T → T·n/N.
+    """
+    la.fit(loader, create_graph=True)
+    if la.n_data < n_data:
+        factor = n_data / la.n_data
+        la.statistics = {k: v * factor for k, v in la.statistics.items()}
+        la.temperature = la.temperature / factor
+    sigma = log_sigma.exp() if log_sigma is not None else None
+    return la.log_marginal_likelihood(log_prior.exp(), sigma)
+
+
+def _set_gradients(loss: Tensor, hypers: list[Tensor], extra: list[Tensor]) -> None:
+    """Store ∂loss/∂ in ``.grad`` of log δ, log σ (``hypers``) and the registered ``extra``.
+
+    ``torch.autograd.grad`` leaves the weights' ``.grad`` alone (the graph also reaches them).
+    """
+    params = [*hypers, *extra]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    unused = [i for i, g in enumerate(grads[len(hypers) :]) if g is None]
+    if unused:
+        raise ValueError(
+            f"hyperparameters{unused} do not affect the evidence: they must enter the model's "
+            "forward pass in eval mode (the curvature is fitted in eval mode) or the likelihood"
+        )
+    for p, g in zip(params, grads):
+        p.grad = torch.zeros_like(p) if g is None else g
 
 
 def select_architecture(

@@ -15,7 +15,7 @@ ICML 2021, Algorithm 1).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -37,10 +37,18 @@ def _n_data(loader: Iterable) -> int:
     return sum(len(batch[0]) for batch in loader)
 
 
-def _expand_prior(model: nn.Module, prior_precision: float | Tensor) -> list[Tensor]:
+def _weights(model: nn.Module, exclude: Collection[Tensor] = ()) -> list[tuple[str, Tensor]]:
+    """(name, parameter) of the trainable weights: ``requires_grad`` and not in ``exclude``."""
+    skip = {id(t) for t in exclude}
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
+
+
+def _expand_prior(
+    model: nn.Module, prior_precision: float | Tensor, exclude: Collection[Tensor] = ()
+) -> list[Tensor]:
     """δ per parameter tensor: a 0-d tensor each (scalar/layer-wise) or the tensor's shape."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    weights = _weights(model, exclude)
+    names, params = [n for n, _ in weights], [p for _, p in weights]
     delta = torch.as_tensor(prior_precision, dtype=torch.get_default_dtype()).detach()
     if not torch.isfinite(delta).all() or (delta < 0).any():
         raise ValueError("prior_precision must be non-negative and finite")
@@ -58,10 +66,18 @@ def _expand_prior(model: nn.Module, prior_precision: float | Tensor) -> list[Ten
     )
 
 
-def prior_term(model: nn.Module, prior_precision: float | Tensor, n_data: int) -> Tensor:
-    """δ ‖θ‖² / (2N) over the trainable parameters (0-d); δ scalar, layer-wise or per-parameter."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    deltas = _expand_prior(model, prior_precision)
+def prior_term(
+    model: nn.Module,
+    prior_precision: float | Tensor,
+    n_data: int,
+    exclude: Collection[Tensor] = (),
+) -> Tensor:
+    """δ ‖θ‖² / (2N) over the trainable parameters (0-d); δ scalar, layer-wise or per-parameter.
+
+    Parameters in ``exclude`` (hyperparameters registered in the model, not weights) are left out.
+    """
+    params = [p for _, p in _weights(model, exclude)]
+    deltas = _expand_prior(model, prior_precision, exclude)
     total = sum((d.to(p) * p.square()).sum() for d, p in zip(deltas, params))
     return 0.5 * total / n_data
 
@@ -73,10 +89,14 @@ def map_loss(
     y: Tensor,
     prior_precision: float | Tensor,
     n_data: int,
+    exclude: Collection[Tensor] = (),
 ) -> Tensor:
-    """(1/B) Σ_b −log p(y_b | f(x_b)) + δ‖θ‖²/(2N) for a batch x (B, ...), y (B, ...): 0-d."""
+    """(1/B) Σ_b −log p(y_b | f(x_b)) + δ‖θ‖²/(2N) for a batch x (B, ...), y (B, ...): 0-d.
+
+    The prior covers the trainable parameters except those in ``exclude``.
+    """
     nll = -likelihood.log_prob(model(x), y).mean()
-    return nll + prior_term(model, prior_precision, n_data)
+    return nll + prior_term(model, prior_precision, n_data, exclude)
 
 
 def train_map(

@@ -58,3 +58,20 @@ def exact_layer_diagonal(a: Tensor, b: Tensor, max_elements: int = 2**26) -> tup
         g = torch.einsum("knro,nri->knoi", b[:, s : s + chunk], a[s : s + chunk])
         weight += g.square().sum((0, 1))
     return weight, bias
+
+
+def layer_sample_gradients(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample column gradients of a layer's weight and bias, flattened.
+
+    The gradient of column k for sample n is Σ_r b_{k,n,r} a_{n,r}ᵀ (weight, row-major) and
+    Σ_r b_{k,n,r} (bias). Used for a differentiable full curvature (``create_graph``).
+
+    Args:
+        a: layer inputs (N, R, D_in).
+        b: output-column gradients (K, N, R, D_out).
+
+    Returns:
+        (weight (K, N, D_out·D_in), bias (K, N, D_out)).
+    """
+    weight = torch.einsum("knro,nri->knoi", b, a)
+    return weight.reshape(*weight.shape[:2], -1), b.sum(2)

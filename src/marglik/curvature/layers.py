@@ -92,6 +92,23 @@ class LayerRecorder:
             rec.outputs.clear()
 
 
+class GraphLayerRecorder(LayerRecorder):
+    """A :class:`LayerRecorder` that keeps the recorded inputs in the autograd graph.
+
+    Used for a differentiable curvature (``fit_curvature(create_graph=True)``): the inputs ``a``
+    then carry gradients to whatever produced them (e.g. a learned input transformation).
+    """
+
+    @staticmethod
+    def _hook(rec: LayerRecord):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            rec.inputs.append(layer_inputs(module, inputs[0]))
+            rec.outputs.append(output)
+            return output.clone()
+
+        return hook
+
+
 def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
     """Layer input as (N, R, D_in): leading dims flattened to positions, or conv patches."""
     if isinstance(module, nn.Linear):
@@ -129,25 +146,34 @@ def output_grads(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(K, N, g.shape[2], -1).transpose(2, 3)  # conv: (K, N, C_out, *spatial)
 
 
-def backprop_columns(f: Tensor, tensors: list[Tensor], U: Tensor) -> list[Tensor]:
+def backprop_columns(
+    f: Tensor, tensors: list[Tensor], U: Tensor, create_graph: bool = False
+) -> list[Tensor]:
     """Gradients of Σ U_k · f w.r.t. each tensor, for every column k: list of (K, *t.shape).
 
     All K columns go through one vmapped backward pass (``is_grads_batched``); models with ops
-    that vmap does not support fall back to one backward pass per column.
+    that vmap does not support fall back to one backward pass per column. With
+    ``create_graph`` the gradients stay differentiable (in ``U`` too) and every column gets its
+    own backward pass (double backward under vmap is not reliable for every op).
     """
-    try:
-        grads = torch.autograd.grad(
-            f, tensors, U, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
-        return [
-            torch.zeros(U.shape[0], *t.shape, dtype=t.dtype, device=t.device) if g is None else g
-            for g, t in zip(grads, tensors)
-        ]
-    except RuntimeError:
-        pass
+    if not create_graph:
+        try:
+            grads = torch.autograd.grad(
+                f, tensors, U, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+            return [
+                torch.zeros(U.shape[0], *t.shape, dtype=t.dtype, device=t.device)
+                if g is None
+                else g
+                for g, t in zip(grads, tensors)
+            ]
+        except RuntimeError:
+            pass
     columns: list[list[Tensor]] = [[] for _ in tensors]
     for k in range(U.shape[0]):
-        gk = torch.autograd.grad(f, tensors, U[k], retain_graph=True, allow_unused=True)
+        gk = torch.autograd.grad(
+            f, tensors, U[k], retain_graph=True, create_graph=create_graph, allow_unused=True
+        )
         for i, (g, t) in enumerate(zip(gk, tensors)):
             columns[i].append(torch.zeros_like(t) if g is None else g)
     return [torch.stack(g) for g in columns]

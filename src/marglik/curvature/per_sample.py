@@ -43,3 +43,37 @@ def per_sample_column_grads(
         out.append(flat.transpose(0, 1))
     G = torch.cat(out, dim=1)
     return G if subset.index is None else G[..., subset.index]
+
+
+def per_sample_column_grads_autograd(
+    model: nn.Module, subset: ParameterSubset, x: Tensor, U: Tensor
+) -> Tensor:
+    """:func:`per_sample_column_grads` with plain autograd, differentiable: (K, N, P).
+
+    One forward pass per sample and one backward pass per (sample, column), with
+    ``create_graph=True``, so the result keeps its graph to ``U`` and to every tensor the
+    forward pass uses besides the subset (which must require grad). Slow (N·K backward passes)
+    but reliable: ``torch.func`` transforms do not differentiate every op correctly for an outer
+    autograd graph (e.g. ``nn.LayerNorm`` under ``vmap``).
+    """
+    params = list(subset.parameters(model).values())
+    samples = []
+    for n in range(x.shape[0]):
+        f_n = model(x[n : n + 1])
+        columns = []
+        for k in range(U.shape[0]):
+            grads = torch.autograd.grad(
+                f_n,
+                params,
+                U[k, n : n + 1],
+                retain_graph=True,
+                create_graph=True,
+                allow_unused=True,
+            )
+            flat = [
+                (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)
+            ]
+            columns.append(torch.cat(flat))
+        samples.append(torch.stack(columns))
+    G = torch.stack(samples, 1)
+    return G if subset.index is None else G[..., subset.index]

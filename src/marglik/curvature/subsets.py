@@ -86,8 +86,8 @@ def select_subset(
         model: the network.
         subset_of_weights: ``"all"`` (every parameter), ``"last_layer"`` (the parameters of the
             last module that runs in the forward pass, or of ``last_layer_name``),
-            ``"subnetwork"`` (``subnetwork`` = module names, a boolean mask over all parameters
-            flattened, or flat indices) or ``"requires_grad"`` (parameters with
+            ``"subnetwork"`` (``subnetwork`` = module or parameter names, a boolean mask over
+            all parameters flattened, or flat indices) or ``"requires_grad"`` (parameters with
             ``requires_grad=True``, e.g. LoRA adapters).
         example_input: a batch used to find the last layer by running the model once.
     """
@@ -138,13 +138,15 @@ def select_subset(
 
 
 def module_parameter_names(model: nn.Module, module_names: list[str]) -> list[str]:
-    """Parameter names (in model order) that belong to the named modules."""
+    """Parameter names (in model order) that belong to the named modules or are named directly."""
     modules = dict(model.named_modules())
-    missing = [m for m in module_names if m not in modules]
+    params = [n for n, _ in model.named_parameters()]
+    exact = {m for m in module_names if m not in modules and m in params}
+    missing = [m for m in module_names if m not in modules and m not in exact]
     if missing:
-        raise ValueError(f"no module named {missing} in the model")
-    prefixes = [m + "." if m else "" for m in module_names]
-    return [n for n, _ in model.named_parameters() if any(n.startswith(p) for p in prefixes)]
+        raise ValueError(f"no module named {missing} in the model (nor a parameter)")
+    prefixes = [m + "." if m else "" for m in module_names if m in modules]
+    return [n for n in params if n in exact or any(n.startswith(p) for p in prefixes)]
 
 
 def find_last_layer(model: nn.Module, example_input: Tensor | None) -> str:
