@@ -238,21 +238,48 @@ class Laplace:
     ) -> Tensor:
         """log det P − log det P0 (0-d)."""
         self._require_fit()
-        delta = self.expand_prior(
-            self.prior_precision if prior_precision is None else prior_precision
-        )
-        delta = delta.to(self.H.device, self.H.dtype)
+        delta = _check_prior(self.prior_precision if prior_precision is None else prior_precision)
+        scale = self._scale(sigma_noise)
+        if self._is_layerwise(delta):  # one δ per block where a block is one tensor
+            delta = delta.to(self.H.device, self.H.dtype)
+            counts = torch.tensor(self.subset.numel_per_tensor, device=delta.device)
+            logdet_prior = (counts * delta.log()).sum()
+            return self.H.logdet_per_block(scale, self._block_deltas(delta)) - logdet_prior
+        delta = self.expand_prior(delta).to(self.H.device, self.H.dtype)
         logdet_prior = delta.log().sum() if delta.ndim else self.n_params * delta.log()
-        return self.H.logdet(self._scale(sigma_noise), delta) - logdet_prior
+        return self.H.logdet(scale, delta) - logdet_prior
+
+    def _is_layerwise(self, delta: Tensor) -> bool:
+        return delta.ndim == 1 and len(self.subset.names) == delta.numel() != self.n_params
+
+    def _block_deltas(self, delta: Tensor) -> list[Tensor]:
+        """A layer-wise δ (one per tensor) as one δ per block of H: 0-d inside one tensor."""
+        counts = self.subset.numel_per_tensor
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+        expanded = None
+        out = []
+        for start, stop in zip(self.H.offsets[:-1], self.H.offsets[1:]):
+            tensor = next(i for i in range(len(counts)) if bounds[i] <= start < bounds[i + 1])
+            if stop <= bounds[tensor + 1]:
+                out.append(delta[tensor])
+            else:  # the block spans several tensors (e.g. a full H): per-parameter values
+                if expanded is None:
+                    expanded = delta.repeat_interleave(torch.tensor(counts, device=delta.device))
+                out.append(expanded[start:stop])
+        return out
 
     def scatter(self, prior_precision: Tensor | None = None) -> Tensor:
         """(θ* − μ0)ᵀ P0 (θ* − μ0) (0-d)."""
         self._require_fit()
-        delta = self.expand_prior(
-            self.prior_precision if prior_precision is None else prior_precision
-        )
+        delta = _check_prior(self.prior_precision if prior_precision is None else prior_precision)
         diff = self.mean - self.prior_mean.to(self.mean)
-        return (delta.to(diff) * diff.square()).sum()
+        if self._is_layerwise(delta):
+            parts = diff.square().split(self.subset.numel_per_tensor)
+            squares = torch.stack([part.sum() for part in parts])
+            return (delta.to(squares) * squares).sum()
+        return (self.expand_prior(delta).to(diff) * diff.square()).sum()
 
     def log_marginal_likelihood(
         self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None

@@ -87,6 +87,17 @@ class BlockDiagonal(CurvatureBlock):
         scale, delta = check_scale(scale), self._prepare_delta(delta)
         return torch.stack([b.logdet(scale, d) for b, _, d in self._split_delta(delta)]).sum()
 
+    def logdet_per_block(self, scale: Tensor, deltas: Sequence[Tensor]) -> Tensor:
+        """``log det P`` with one prior precision per block: ``deltas[b]`` is 0-d or ``(p_b,)``.
+
+        Same value as :meth:`logdet` with the concatenated δ, but a block given a 0-d δ takes its
+        scalar path (eigenvalues) instead of a per-parameter one (e.g. a Cholesky).
+        """
+        if len(deltas) != len(self.blocks):
+            raise ValueError(f"got {len(deltas)} prior precisions for {len(self.blocks)} blocks")
+        scale = check_scale(scale)
+        return torch.stack([b.logdet(scale, d) for b, d in zip(self.blocks, deltas)]).sum()
+
     def inv_quad(self, J: Tensor, scale: Tensor, delta: Tensor) -> Tensor:
         check_rows(J, self.size)
         scale, delta = check_scale(scale), self._prepare_delta(delta)
