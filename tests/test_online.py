@@ -127,3 +127,19 @@ def test_bad_arguments_raise():
         marglik_training(net(), regression_loader(), "regression", prior_structure="blocks")
     with pytest.raises(ValueError, match="empty"):
         marglik_training(net(), [], "regression")
+
+
+def test_frozen_parameters_are_left_out_of_the_posterior_and_the_layerwise_prior():
+    torch.manual_seed(0)
+    x = torch.randn(30, 2)
+    y = x.sum(-1, keepdim=True) + 0.1 * torch.randn(30, 1)
+    model = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1))
+    model[0].bias.requires_grad_(False)
+    frozen = model[0].bias.detach().clone()
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    la, model, history = marglik_training(
+        model, loader, "regression", hessian_structure="kron", n_epochs=2, n_hypersteps=3
+    )
+    assert la.subset.names == ["0.weight", "2.weight", "2.bias"]
+    assert len(history["prior_precision"][-1]) == 3
+    torch.testing.assert_close(model[0].bias, frozen)

@@ -283,3 +283,14 @@ def test_last_layer_detection_casts_inputs_to_the_model_dtype():
     x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))  # float64 data, float32 model
     la = marglik.Laplace(model, "classification", "last_layer").fit(loader(x, y))
     assert la.subset.names == ["2.weight", "2.bias"] and la.H.dtype == torch.float32
+
+
+def test_sigma_noise_with_a_gaussian_likelihood_object_is_applied_not_ignored():
+    from marglik.likelihoods import Categorical, Gaussian
+
+    model = nn.Sequential(nn.Linear(3, 1))
+    lik = Gaussian(1.0)
+    la = marglik.Laplace(model, lik, sigma_noise=0.3)
+    torch.testing.assert_close(la.sigma_noise, torch.tensor(0.3))
+    with pytest.raises(ValueError, match="only applies to regression"):
+        marglik.Laplace(model, Categorical(), sigma_noise=0.3)

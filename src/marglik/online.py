@@ -135,12 +135,14 @@ def marglik_training(
             raise ValueError(
                 f"hyperparameters need curvature='ggn', got {laplace_kwargs['curvature']!r}"
             )
-        ids = {id(h) for h in extra}
-        weights = [n for n, p in model.named_parameters() if id(p) not in ids]
-        if not weights:
-            raise ValueError(
-                "every parameter of the model is a hyperparameter: none is left for the posterior"
-            )
+    ids = {id(h) for h in extra}
+    weights = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
+    if not weights:
+        raise ValueError(
+            "every parameter of the model is a hyperparameter or frozen: none is left for the "
+            "posterior"
+        )
+    if len(weights) < len(list(model.parameters())):  # frozen tensors and h are not weights
         subset = {"subset_of_weights": "subnetwork", "subnetwork": weights}
     if hyper_batches is not None:
         if not extra:

@@ -37,7 +37,8 @@ class Laplace:
         kfac_approx: ``"expand" | "reduce"`` for weight-sharing layers.
         prior_precision: δ > 0: a scalar, one value per parameter tensor of the subset
             ("layer-wise", in ``named_parameters()`` order) or one per parameter.
-        sigma_noise: σ of the Gaussian likelihood (regression only), scalar or one per output.
+        sigma_noise: σ of the Gaussian likelihood (regression only), scalar or one per output;
+            given with a :class:`~marglik.likelihoods.Gaussian` object, it replaces that σ.
         temperature: T; the posterior precision is H/T + P0.
         prior_mean: μ0, a scalar or one value per parameter.
         subnetwork: module or parameter names, a boolean mask or flat indices for
@@ -70,8 +71,11 @@ class Laplace:
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.likelihood = get_likelihood(likelihood, sigma_noise)
-        if not isinstance(self.likelihood, Gaussian) and sigma_noise != 1.0:
+        sigma_given = not (isinstance(sigma_noise, (int, float)) and sigma_noise == 1.0)
+        if sigma_given and not isinstance(self.likelihood, Gaussian):
             raise ValueError(f"sigma_noise only applies to regression, not {self.likelihood.task}")
+        if sigma_given and isinstance(likelihood, Likelihood):  # never silently ignored
+            self.sigma_noise = sigma_noise
         self.subset_of_weights = subset_of_weights
         self.hessian_structure = hessian_structure
         self.curvature = curvature
