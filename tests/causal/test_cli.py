@@ -41,6 +41,9 @@ def test_direction_text_and_json(pair_csv):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["direction"] == "y->x" and result["confidence"] > 0 and result["n"] == 300
+    out = run_cli(pair_csv, "--x", "temp", "--y", "altitude", "--ridge", "1e-6", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["direction"] == "x->y"
 
 
 def write_anlsmn(folder, n_pairs=3):
@@ -75,6 +78,11 @@ def bad_inputs(tmp_path):
         "too few points": (["few.csv", "--x", "a", "--y", "b"], "at least 10"),
         "non-numeric": (["text.csv", "--x", "a", "--y", "b"], "non-numeric"),
         "no columns given": (["ok.csv"], "--x and --y"),
+        "ridge with nn": (
+            ["ok.csv", "--x", "a", "--y", "b", "--estimator", "nn", "--ridge", "1"],
+            "spline only",
+        ),
+        "negative ridge": (["ok.csv", "--x", "a", "--y", "b", "--ridge", "-1"], "positive"),
         "benchmark missing": (["--benchmark", tmp_path / "none"], "does not exist"),
     }
     write_csv(tmp_path / "ok.csv", ["a", "b"], good)
@@ -96,6 +104,8 @@ def bad_inputs(tmp_path):
         "non-numeric",
         "no columns given",
         "benchmark missing",
+        "ridge with nn",
+        "negative ridge",
     ],
 )
 def test_bad_input_exit_2_one_line(tmp_path, case):

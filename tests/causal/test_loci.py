@@ -107,3 +107,18 @@ def test_evidence_details(pair):
     )
     assert result.direction == "x->y"
     assert result.details["evidence_x->y"] > result.details["evidence_y->x"]
+
+
+def test_fit_subset_and_chosen_ridges(pair):
+    x, y = pair
+    full = loci(x, y, method="loci-m")
+    assert full.details["ridge_x->y"] in (10.0 ** np.arange(-10, 0))
+    sub = loci(x, y, method="loci-m", max_fit_points=200, seed=1)
+    again = loci(x, y, method="loci-m", max_fit_points=200, seed=1)
+    other = loci(x, y, method="loci-m", max_fit_points=200, seed=2)
+    assert sub.score == again.score != other.score  # a seeded subset
+    assert sub.direction == full.direction == "x->y"
+    # at most max_fit_points is a no-op for smaller pairs
+    assert loci(x, y, method="loci-m", max_fit_points=len(x)).score == full.score
+    fixed = loci(x, y, method="loci-m", estimator_options={"ridge": 1e-6})
+    assert fixed.details["ridge_x->y"] == fixed.details["ridge_y->x"] == 1e-6

@@ -10,8 +10,8 @@ which is jointly concave in (η1, η2). Inputs are 1-D arrays; callers standardi
 surface: ``fit(x, y)``, ``natural_parameters(x)``, ``mean_variance(x)``, ``log_lik(x, y)``,
 ``residuals(x, y)``.
 
-- :class:`SplineEstimator`: the convex estimator, linear in B-spline features (closed-form η1
-  weights, projected L-BFGS on the η2 weights).
+- :class:`SplineEstimator`: the convex estimator, linear in B-spline features, solved by projected
+  Newton; its ridge (prior precision) is chosen per fit by the Laplace evidence.
 - :class:`NeuralEstimator`: an MLP 1→100 tanh→2 with the
   :class:`~marglik.likelihoods.NaturalGaussian` head, trained by full-batch Adam.
 """
@@ -26,6 +26,8 @@ import torch
 from marglik.likelihoods.heteroscedastic import NaturalGaussian
 
 _LOG_2PI = math.log(2 * math.pi)
+#: ridges (on the per-point objective) among which :class:`SplineEstimator` picks by the evidence
+RIDGE_GRID = tuple(10.0**k for k in range(-10, 0))
 
 
 def standardise(v: np.ndarray) -> np.ndarray:
@@ -84,7 +86,7 @@ class SplineEstimator(ConditionalGaussian):
       improves by less than ``tol`` (relative) or ``max_iter`` rounds. The blocks are strongly
       coupled (η1 = μ/σ² grows with the precision), so it needs tens to hundreds of rounds.
     - ``"lbfgs"``: the closed-form w1, then one L-BFGS-B run on (w1, w2) with the bound on w2.
-      Fine for large ridges; with the small default ridge it needs thousands of iterations.
+      Fine for large ridges; with small ridges (≤ 1e-6) it needs thousands of iterations.
     - ``"newton"`` (default): the closed-form w1, then projected Newton (Bertsekas, 1982) on
       (w1, w2) with the exact Hessian. Its η-block per point is the PSD Λ_η of
       :class:`~marglik.likelihoods.NaturalGaussian`, so −J's Hessian is Jᵀ Λ_η J / n + ridge I with
@@ -95,11 +97,29 @@ class SplineEstimator(ConditionalGaussian):
     Homoscedastic variant: ridge regression μ = Φ w on the same features and a single maximum
     likelihood σ² = mean squared residual.
 
+    **Choice of the ridge.** The ridge is the prior precision of a Bayesian GLM: J is, up to
+    constants and the factor n, the log joint of the data and of the prior w ~ N(0, δ⁻¹ I) with
+    δ = n·ridge. By default every fit picks the ridge from ``ridge_grid`` (decades 1e-10 … 1e-1)
+    that maximises the Laplace evidence of its own training data (MacKay, 1992; the approximation
+    this library is about), with P = 2k weights and the exact Hessian at the optimum,
+
+        log Z ≈ Σ_i log p(y_i | w*) − ½ δ ‖w*‖² + ½ P log δ − ½ log det(Jᵀ Λ_η J + δ I).
+
+    The log-likelihood is concave in η, so Jᵀ Λ_η J is the exact (and PSD) Hessian. The bound
+    w2 ≥ 0 is ignored by the approximation (for w2 at the bound the half-normal prior's factor 2
+    and the halved posterior mass cancel). The solves run from the largest ridge to the smallest,
+    each warm-started at the previous optimum (about 50 ms for n = 1000 and ten ridges). The
+    homoscedastic variant uses the exact evidence of ridge regression at the fitted σ²
+    (:func:`homoscedastic_spline_evidence`). ``ridge=`` fixes the ridge instead. After ``fit``,
+    ``ridge_`` is the ridge used, ``log_evidence_`` its log evidence per point and
+    ``evidence_path_`` the pair (ridges, log evidence per point) over the grid.
+
     Args:
         homoscedastic: fit a single σ instead of σ(x).
         n_knots, degree: of sklearn's ``SplineTransformer`` (paper: 25 knots, degree 5).
-        ridge: weight of the ridge penalty on the per-point objective (small: a large ridge on
-            the natural parameters forbids the small noise scales LSNMs often have).
+        ridge: a fixed weight of the ridge penalty on the per-point objective; None (default):
+            chosen by the evidence among ``ridge_grid`` (see above).
+        ridge_grid: the candidate ridges of the evidence selection.
         floor: ε > 0 so that η2 ≤ −ε < 0 (σ² ≤ 1/(2ε)).
         solver: ``"newton"``, ``"lbfgs"`` or ``"bca"`` (see above).
         max_iter, tol: iteration limit and relative tolerance on J of the chosen solver.
@@ -112,17 +132,22 @@ class SplineEstimator(ConditionalGaussian):
         homoscedastic: bool = False,
         n_knots: int = 25,
         degree: int = 5,
-        ridge: float = 1e-7,
+        ridge: float | None = None,
         floor: float = 1e-5,
         solver: str = "newton",
         max_iter: int = 200,
         tol: float = 1e-10,
+        ridge_grid: tuple[float, ...] = RIDGE_GRID,
     ):
         if solver not in self.SOLVERS:
             raise ValueError(f"unknown solver {solver!r}: use one of {self.SOLVERS}")
+        if ridge is not None and not ridge > 0:
+            raise ValueError(f"ridge must be positive, got {ridge}")
+        if ridge is None and (len(ridge_grid) == 0 or min(ridge_grid) <= 0):
+            raise ValueError("ridge_grid needs at least one positive ridge")
         self.homoscedastic = homoscedastic
         self.n_knots, self.degree = n_knots, degree
-        self.ridge, self.floor = ridge, floor
+        self.ridge, self.ridge_grid, self.floor = ridge, tuple(ridge_grid), floor
         self.solver, self.max_iter, self.tol = solver, max_iter, tol
 
     def _features(self, x: np.ndarray) -> np.ndarray:
@@ -147,22 +172,41 @@ class SplineEstimator(ConditionalGaussian):
         y = np.asarray(y, dtype=np.float64)
         self.transformer_ = SplineTransformer(n_knots=self.n_knots, degree=self.degree)
         Phi = self.transformer_.fit_transform(x.reshape(-1, 1))
-        n, k = Phi.shape
-        if self.homoscedastic:
-            self.w1_ = _weighted_ridge(Phi, np.ones(n), y, self.ridge)
-            self.sigma2_ = float(np.mean((y - Phi @ self.w1_) ** 2))
-            self.n_iter_ = 1
-            return self
-        problem = _SplineProblem(Phi, np.abs(Phi), y, self.ridge, self.floor)
-        # start from σ² = 1 (the data are standardised): B-splines sum to one, so Ψ w2 ≈ ½
-        w2 = np.full(k, 0.5)
-        w1 = problem.best_w1(w2)
-        solve = {"newton": _projected_newton, "lbfgs": _joint_lbfgs, "bca": _block_ascent}
-        w, self.n_iter_ = solve[self.solver](
-            problem, np.concatenate([w1, w2]), self.max_iter, self.tol
+        grid = np.atleast_1d(
+            np.asarray(self.ridge_grid if self.ridge is None else self.ridge, dtype=np.float64)
         )
-        self.w1_, self.w2_ = w[:k], w[k:]
-        self.objective_ = -problem.value(w)
+        if self.homoscedastic:
+            evidence, fits = homoscedastic_spline_evidence(Phi, y, grid)
+            best = int(np.argmax(evidence))
+            self.w1_, self.sigma2_ = fits[best]
+            self.n_iter_ = 1
+        else:
+            evidence, fits, iters = [], [], 0
+            problem = _SplineProblem(Phi, np.abs(Phi), y, float(grid.max()), self.floor)
+            # start from σ² = 1 (the data are standardised): B-splines sum to one, so Ψ w2 ≈ ½;
+            # then warm-start every smaller ridge from the previous optimum
+            w2 = np.full(Phi.shape[1], 0.5)
+            w = np.concatenate([problem.best_w1(w2), w2])
+            solve = {"newton": _projected_newton, "lbfgs": _joint_lbfgs, "bca": _block_ascent}
+            for ridge in sorted(grid, reverse=True):
+                problem.ridge = float(ridge)
+                w, it = solve[self.solver](problem, w, self.max_iter, self.tol)
+                iters += it
+                evidence.append(problem.log_evidence(w))
+                fits.append((float(ridge), w))
+            fits, evidence = fits[::-1], evidence[::-1]  # ascending ridges, as the grid
+            best = int(np.argmax(evidence))
+            ridge, w = fits[best]
+            grid = np.array([r for r, _ in fits])
+            problem.ridge = ridge
+            k = Phi.shape[1]
+            self.w1_, self.w2_ = w[:k], w[k:]
+            self.objective_ = -problem.value(w)
+            self.n_iter_ = iters
+            evidence = np.asarray(evidence)
+        self.ridge_ = float(grid[best])
+        self.log_evidence_ = float(evidence[best])
+        self.evidence_path_ = (grid, np.asarray(evidence))
         return self
 
     def natural_parameters(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -208,6 +252,17 @@ class _SplineProblem:
         H = np.block([[H11, H12], [H12.T, H22]]) / self.n
         H[np.diag_indices_from(H)] += self.ridge
         return H
+
+    def log_evidence(self, w) -> float:
+        """Laplace log evidence per point at the optimum w of F (see :class:`SplineEstimator`).
+
+        With δ = n·ridge the prior precision of the full-data model and H + δI = n·hessian(w):
+        log Z / n = −F(w) + (P log ridge − log det hessian(w)) / (2n).
+        """
+        sign, logdet = np.linalg.slogdet(self.hessian(w))
+        if sign <= 0:  # pragma: no cover  (hessian is positive definite for ridge > 0)
+            return -np.inf
+        return float(-self.value(w) + (len(w) * np.log(self.ridge) - logdet) / (2 * self.n))
 
     def best_w1(self, w2) -> np.ndarray:
         """argmin_w1 F(w1, w2): the weighted ridge regression with weights σ²."""
@@ -292,6 +347,37 @@ def _block_ascent(problem: _SplineProblem, w, max_iter: int, tol: float):
     return w, it
 
 
+def homoscedastic_spline_evidence(
+    Phi: np.ndarray, y: np.ndarray, ridges: np.ndarray
+) -> tuple[np.ndarray, list[tuple[np.ndarray, float]]]:
+    """Laplace (here exact) log evidence per point of ridge regression μ = Φw, for every ridge.
+
+    The model y = Φw + ε, ε ~ N(0, σ²), w ~ N(0, α⁻¹I) with MAP weights
+    (ΦᵀΦ/n + ridge I) w = Φᵀy/n, i.e. α = λ/σ² with λ = n·ridge, and σ² the mean squared residual
+    at those weights (as in the fit). With e the eigenvalues of ΦᵀΦ (Bishop, 2006, §3.5),
+
+        log Z = −n/2 log(2πσ²) − n/2 − λ/(2σ²) ‖w‖² + ½ Σ_j log(λ / (e_j + λ)).
+
+    Args:
+        Phi: features (n, P); y: targets (n,); ridges: (G,) positive.
+
+    Returns:
+        log Z / n, (G,), and the (w (P,), σ²) of every ridge.
+    """
+    n = len(y)
+    e, V = np.linalg.eigh(Phi.T @ Phi)
+    e = np.clip(e, 0.0, None)
+    lam = n * np.asarray(ridges, dtype=np.float64)  # (G,)
+    W = V @ ((V.T @ (Phi.T @ y))[:, None] / (e[:, None] + lam))  # (P, G)
+    var = np.mean((y[:, None] - Phi @ W) ** 2, axis=0)  # (G,)
+    log_z = (
+        -0.5 * n * (np.log(2 * np.pi * var) + 1)
+        - 0.5 * lam / var * np.sum(W**2, axis=0)
+        + 0.5 * np.sum(np.log(lam / (e[:, None] + lam)), axis=0)
+    )
+    return log_z / n, [(W[:, g].copy(), float(var[g])) for g in range(len(lam))]
+
+
 def _weighted_ridge(
     Phi: np.ndarray, weights: np.ndarray, y: np.ndarray, ridge: float
 ) -> np.ndarray:
@@ -311,7 +397,9 @@ class NeuralEstimator(ConditionalGaussian):
     negative log-likelihood with Adam (``lr`` 1e-2, ``steps`` full-batch steps; 1000 by default, a
     speed/accuracy trade-off for 2-core CPUs) from an initialisation seeded by ``seed`` (the global
     torch RNG is left untouched). Training runs in ``dtype`` (float32: about 2× faster than float64
-    on CPU); log-likelihoods are evaluated in float64 from the network outputs.
+    on CPU) with closed-form gradients (:func:`mlp_nll_grads`, tested against autograd);
+    :func:`fit_jointly` trains several networks (both directions of a pair) as one batch.
+    Log-likelihoods are evaluated in float64 from the network outputs.
 
     ``evidence=True`` instead trains by online Laplace evidence maximisation
     (:func:`marglik.marglik_training`, Immer et al. 2021: KFAC GGN, one prior precision per
@@ -350,28 +438,24 @@ class NeuralEstimator(ConditionalGaussian):
         return torch.as_tensor(np.asarray(v, dtype=np.float64)).to(self.dtype)
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> NeuralEstimator:
+        """Fit to cause ``x`` (n,) and effect ``y`` (n,)."""
+        fit_jointly([self], [(x, y)])
+        return self
+
+    def _init(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seeded network and σ, and the training data X (n, 1), Y (n,) in ``dtype``."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             out = 1 if self.homoscedastic else 2
             self.net_ = torch.nn.Sequential(
                 torch.nn.Linear(1, self.hidden), torch.nn.Tanh(), torch.nn.Linear(self.hidden, out)
             ).to(self.dtype)
-            X, Y = self._tensor(x).reshape(-1, 1), self._tensor(y)
-            self.log_sigma_ = torch.zeros((), dtype=self.dtype, requires_grad=self.homoscedastic)
-            if self.evidence:
-                self._fit_evidence(X, Y)
-            else:
-                self._fit_map(X, Y)
-        return self
+        self.log_sigma_ = torch.zeros((), dtype=self.dtype)
+        return self._tensor(x).reshape(-1, 1), self._tensor(y)
 
-    def _fit_map(self, X: torch.Tensor, Y: torch.Tensor) -> None:
-        params = [*self.net_.parameters()] + ([self.log_sigma_] if self.homoscedastic else [])
-        optimiser = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        for _ in range(self.steps):
-            optimiser.zero_grad(set_to_none=True)
-            loss = self._nll(X, Y)
-            loss.backward()
-            optimiser.step()
+    def _key(self) -> tuple:
+        """Estimators with equal keys train in one batch (same shapes and optimiser)."""
+        return (self.homoscedastic, self.hidden, self.steps, self.lr, self.weight_decay, self.dtype)
 
     def _fit_evidence(self, X: torch.Tensor, Y: torch.Tensor) -> None:
         from marglik import marglik_training
@@ -413,6 +497,131 @@ class NeuralEstimator(ConditionalGaussian):
                 return (f[:, 0] * precision).numpy(), (-0.5 * precision).numpy()
             eta1, eta2 = self.likelihood.natural_parameters(f)
         return eta1.numpy(), eta2.numpy()
+
+
+def fit_jointly(
+    estimators: list[ConditionalGaussian], data: list[tuple[np.ndarray, np.ndarray]]
+) -> list[ConditionalGaussian]:
+    """Fit ``estimators[i]`` to ``data[i] = (x, y)`` (each (n_i,)) and return the estimators.
+
+    Neural maximum-likelihood estimators with the same settings and the same n train as one batch
+    of independent networks (:func:`train_mlps`; e.g. both directions of a pair): the batch loss is
+    the sum of the per-network mean losses and Adam is elementwise, so every network follows its own
+    training path, at a fraction of the cost of one loop each. Others are fitted one by one.
+    """
+    groups: dict = {}
+    for est, (x, y) in zip(estimators, data, strict=True):
+        if not isinstance(est, NeuralEstimator):
+            est.fit(x, y)
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(est.seed)
+            X, Y = est._init(x, y)
+            if est.evidence:
+                est._fit_evidence(X, Y)
+                continue
+        groups.setdefault((est._key(), len(X)), []).append((est, X, Y))
+    for members in groups.values():
+        _fit_map_batch(members)
+    return estimators
+
+
+def _fit_map_batch(members: list[tuple[NeuralEstimator, torch.Tensor, torch.Tensor]]) -> None:
+    """Train the initialised networks of ``members`` = [(estimator, X (n, 1), Y (n,))] together."""
+    first = members[0][0]
+    nets = [est.net_ for est, _, _ in members]
+    W1 = torch.stack([net[0].weight.detach() for net in nets])  # (B, H, 1)
+    b1 = torch.stack([net[0].bias.detach() for net in nets]).unsqueeze(-1)  # (B, H, 1)
+    W2 = torch.stack([net[2].weight.detach() for net in nets])  # (B, out, H)
+    b2 = torch.stack([net[2].bias.detach() for net in nets]).unsqueeze(-1)  # (B, out, 1)
+    log_sigma = torch.zeros(len(nets), dtype=first.dtype)  # (B,), homoscedastic only
+    X = torch.stack([X.reshape(1, -1) for _, X, _ in members])  # (B, 1, n)
+    Y = torch.stack([Y for _, _, Y in members])  # (B, n)
+    params = [W1, b1, W2, b2] + ([log_sigma] if first.homoscedastic else [])
+    train_mlps(params, X, Y, first.steps, first.lr, first.weight_decay)
+    with torch.no_grad():
+        for i, (est, _, _) in enumerate(members):
+            est.net_[0].weight.copy_(W1[i])
+            est.net_[0].bias.copy_(b1[i, :, 0])
+            est.net_[2].weight.copy_(W2[i])
+            est.net_[2].bias.copy_(b2[i, :, 0])
+            est.log_sigma_ = log_sigma[i].clone()
+
+
+def train_mlps(
+    params: list[torch.Tensor],
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+) -> None:
+    """Full-batch Adam on B independent 1→H tanh→out MLPs, in place, with closed-form gradients.
+
+    ``params`` = [W1 (B, H, 1), b1 (B, H, 1), W2 (B, out, H), b2 (B, out, 1)] plus log σ (B,) for
+    out = 1 (homoscedastic); X (B, 1, n), Y (B, n). Minimises Σ_b mean_i nll_bi (see
+    :func:`mlp_nll_grads`) with :class:`torch.optim.Adam`, the gradients written to ``.grad``.
+    """
+    for p in params:
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    with torch.no_grad():
+        for _ in range(steps):
+            _, grads = mlp_nll_grads(params, X, Y)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            optimiser.step()
+    for p in params:
+        p.grad = None
+        p.requires_grad_(False)
+
+
+def mlp_nll_grads(
+    params: list[torch.Tensor], X: torch.Tensor, Y: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Mean NLL per network (B,) of B MLPs 1→H tanh→out, and the gradients of their sum.
+
+    Shapes as in :func:`train_mlps`. The hidden layer is h = tanh(a), a = W1 x + b1, computed as
+    2 sigmoid(2a) − 1 (the same function; sigmoid is ~3× faster than tanh on CPU); f = W2 h + b2.
+
+    - out = 2, :class:`~marglik.likelihoods.NaturalGaussian` head: η1 = f1, η2 = −½ softplus(f2);
+      ∂nll/∂η = (μ − y, μ² + σ² − y²) and ∂η2/∂f2 = −½ sigmoid(f2).
+    - out = 1 with log σ = s: nll = ½ (y − f)² e^{−2s} + s + ½ log 2π.
+
+    Backpropagation: ∂W2 = ∂f hᵀ, ∂b2 = Σ ∂f, ∂a = (W2ᵀ ∂f) ⊙ (1 − h²), ∂W1 = ∂a xᵀ, ∂b1 = Σ ∂a.
+    """
+    W1, b1, W2, b2 = params[:4]
+    n = Y.shape[-1]
+    two_a = (2 * W1 * X).add_(2 * b1)  # 2a, (B, H, n)
+    h = two_a.sigmoid_().mul_(2).sub_(1)  # tanh(a) = 2 sigmoid(2a) − 1, in place
+    f = torch.baddbmm(b2, W2, h)  # (B, out, n)
+    if len(params) == 5:  # homoscedastic
+        log_sigma = params[4]
+        precision = torch.exp(-2 * log_sigma).unsqueeze(-1)  # (B, 1)
+        residual = Y - f[:, 0]
+        scaled = residual * precision
+        nll = 0.5 * (residual * scaled).mean(-1) + log_sigma + 0.5 * _LOG_2PI
+        df = (-scaled / n).unsqueeze(1)
+        extra = [1 - (residual * scaled).mean(-1)]
+    else:
+        g1, g2 = f[:, 0], f[:, 1]
+        precision = torch.nn.functional.softplus(g2)
+        var = 1 / precision
+        mu = g1 * var
+        residual = Y - mu
+        nll = (0.5 * precision * residual**2 - 0.5 * torch.log(precision)).mean(-1)
+        nll = nll + 0.5 * _LOG_2PI
+        d1 = -residual / n
+        d2 = (mu * mu + var - Y * Y) * torch.sigmoid(g2) * (-0.5 / n)
+        df = torch.stack([d1, d2], dim=1)
+        extra = []
+    dW2 = torch.bmm(df, h.transpose(1, 2))
+    db2 = df.sum(-1, keepdim=True)
+    da = torch.bmm(W2.transpose(1, 2), df)  # (B, H, n)
+    da.addcmul_(da * h, h, value=-1)  # ⊙ (1 − h²), without the slow `1 - tensor`
+    dW1 = (da * X).sum(-1, keepdim=True)
+    db1 = da.sum(-1, keepdim=True)
+    return nll, [dW1, db1, dW2, db2, *extra]
 
 
 def make_estimator(name: str, homoscedastic: bool = False, seed: int = 0, **options):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from marglik.causal.estimators import make_estimator, standardise
+from marglik.causal.estimators import fit_jointly, make_estimator, standardise
 from marglik.causal.hsic import hsic
 
 METHODS = ("loci-h", "loci-m")
@@ -98,6 +98,7 @@ def loci(
     seed: int = 0,
     max_points: int = 2000,
     estimator_options: dict | None = None,
+    max_fit_points: int | None = None,
 ) -> CausalResult:
     """Decide whether x causes y or y causes x from paired samples (n,) each.
 
@@ -107,6 +108,9 @@ def loci(
         homoscedastic: fit a single noise scale (an additive-noise model) instead of σ(cause).
         seed: seeds the neural network initialisation and the HSIC subsample.
         max_points: HSIC uses a seeded random subset above this many points.
+        max_fit_points: if set, both estimators are fitted on one seeded random subset of this
+            many points (pairs with more points only; the scores still use all points). None (the
+            default) fits on all points.
         estimator_options: extra keyword arguments of the estimator class, e.g. ``{"steps": 500}``
             or ``{"evidence": True}`` (Laplace-evidence training, adds ``"evidence_x->y"`` and
             ``"evidence_y->x"`` to the details) for ``"nn"``; ``{"ridge": 1e-6}`` for ``"spline"``.
@@ -119,8 +123,14 @@ def loci(
     x, y = check_pair(x, y)
     xs, ys = standardise(x), standardise(y)
     options = dict(estimator_options or {})
-    forward = make_estimator(estimator, homoscedastic, seed, **options).fit(xs, ys)  # y | x
-    backward = make_estimator(estimator, homoscedastic, seed, **options).fit(ys, xs)  # x | y
+    fit = slice(None)
+    if max_fit_points is not None and len(xs) > max_fit_points:
+        fit = np.sort(np.random.default_rng(seed).choice(len(xs), max_fit_points, replace=False))
+    # both directions, y | x and x | y, in one batch where the estimator allows it
+    forward, backward = fit_jointly(
+        [make_estimator(estimator, homoscedastic, seed, **options) for _ in range(2)],
+        [(xs[fit], ys[fit]), (ys[fit], xs[fit])],
+    )
     ll_xy = float(forward.log_lik(xs, ys).mean())
     ll_yx = float(backward.log_lik(ys, xs).mean())
     details: dict = {
@@ -128,6 +138,9 @@ def loci(
         "log_lik_y->x": ll_yx,
         "scores": {"loci-m": ll_xy - ll_yx},
     }
+    for name, est in (("x->y", forward), ("y->x", backward)):
+        if hasattr(est, "ridge_"):  # spline estimator: the ridge chosen by the evidence (or given)
+            details[f"ridge_{name}"] = est.ridge_
     if hasattr(forward, "log_marglik_"):  # neural estimator with evidence=True: evidence per point
         details["evidence_x->y"] = forward.log_marglik_
         details["evidence_y->x"] = backward.log_marglik_

@@ -1,7 +1,7 @@
 """``marglik cause-effect``: LOCI on one pair from a CSV file, or on a benchmark folder.
 
     marglik cause-effect PAIRS.csv --x COL --y COL [--method loci-h|loci-m] [--estimator spline|nn]
-                         [--homoscedastic] [--seed S] [--json]
+                         [--homoscedastic] [--ridge R] [--seed S] [--json]
     marglik cause-effect --benchmark FOLDER [--n-jobs J] [--method ...] [--estimator ...] [--json]
 
 The CSV needs a header row; ``COL`` is a column name (or, if no column has that name, a 0-based
@@ -33,6 +33,12 @@ def register(subparsers) -> None:
     parser.add_argument("--method", choices=["loci-h", "loci-m"], default="loci-h")
     parser.add_argument("--estimator", choices=["spline", "nn"], default="spline")
     parser.add_argument("--homoscedastic", action="store_true", help="one noise scale")
+    parser.add_argument(
+        "--ridge",
+        type=float,
+        default=None,
+        help="fixed ridge of the spline estimator (default: chosen by the Laplace evidence)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-jobs", type=int, default=1, help="worker processes (--benchmark)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -48,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
         "homoscedastic": args.homoscedastic,
         "seed": args.seed,
     }
+    if args.ridge is not None:
+        if args.estimator != "spline":
+            raise CLIError("--ridge applies to --estimator spline only")
+        if not args.ridge > 0:
+            raise CLIError(f"--ridge must be positive, got {args.ridge}")
+        options["estimator_options"] = {"ridge": args.ridge}
     if args.benchmark is not None:
         return run_benchmark(args, options)
     if not args.x or not args.y:
