@@ -56,8 +56,8 @@ def resolve_backend(la: Laplace, backend: str = "auto") -> LayerwisePlan | None:
     plan = layerwise_plan(la)
     if plan is None and backend == "layerwise":
         raise ValueError(
-            "the layer-wise predictive needs a 'kron' or 'diag' posterior over whole parameter "
-            f"tensors; this one has hessian_structure={la.hessian_structure!r}"
+            "the layer-wise predictive needs a 'kron', 'diag' or 'full' posterior over whole "
+            f"parameter tensors; this one has hessian_structure={la.hessian_structure!r}"
             + (" and a subnetwork given by indices" if la.subset.index is not None else "")
         )
     return plan

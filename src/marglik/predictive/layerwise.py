@@ -17,10 +17,13 @@ and without weight sharing (R = 1) the sum collapses to a rank-one form,
 
 which costs O(C²·D_out + D_out·D_in) per input instead of O(C·D_out·D_in). A diagonal posterior
 (P = s · h + δ elementwise) gives the same forms without the rotation. Dense blocks (KFAC bias
-blocks, G alone) contract the small per-layer Jacobian J^b directly; parameters that belong to no
-supported layer (norm layers, embeddings) get per-sample Jacobians with ``torch.func`` for those
-parameters only. The posterior blocks are those of :mod:`marglik.structures`; this module only
-reads their public factors (``Kronecker.eig()``, ``Diagonal.h``) and calls ``inv_quad``.
+blocks, G alone, or a full posterior) multiply the Jacobian into the eigenvectors Q (scalar δ)
+or into Σ (per-parameter δ) tensor by tensor, J^W Q = g (aᵀ Q) without sharing, which saves the
+factor D·D_in/(D_in + D) of forming J first (about D, the number of outputs, for a last layer);
+parameters that belong to no supported layer (norm layers, embeddings) get per-sample Jacobians
+with ``torch.func`` for those parameters only. The posterior blocks are those of
+:mod:`marglik.structures`; this module only reads their public factors (``Kronecker.eig()``,
+``Dense.eig()``, ``Diagonal.h``) and calls ``inv_quad`` (joint covariances).
 
 Inputs and gradients are collected with forward hooks (:mod:`marglik.curvature.layers`): one
 forward pass per chunk of inputs and one backward pass per output column.
@@ -87,9 +90,9 @@ def layerwise_plan(la: Laplace) -> LayerwisePlan | None:
 
     Applies to whole parameter tensors (not a subnetwork given by indices) with Kronecker blocks
     (each the weight of one supported layer), Diagonal blocks (any tensors) and Dense blocks of a
-    single tensor (e.g. KFAC bias blocks): the ``"kron"`` and ``"diag"`` structures over all
-    weights, the last layer or named modules. ``"full"`` and ``"lowrank"`` posteriors span all
-    tensors in one block and use the generic per-sample Jacobians.
+    Dense blocks (KFAC bias blocks, or a ``"full"`` posterior over any tensors): the ``"kron"``,
+    ``"diag"`` and ``"full"`` structures over all weights, the last layer or named modules.
+    ``"lowrank"`` posteriors and index subnetworks use the generic per-sample Jacobians.
     """
     subset, H = la.subset, la.H
     if subset is None or subset.index is not None or not isinstance(H, BlockDiagonal):
@@ -142,7 +145,7 @@ def _block_supported(bs: BlockSlot) -> bool:
         return block.m == shape[0] and block.n == int(shape[1:].numel())
     if isinstance(block, Diagonal):
         return True
-    return isinstance(block, Dense) and len(bs.tensors) == 1
+    return isinstance(block, Dense)
 
 
 # ---------------------------------------------------------------------------------- recording
@@ -183,6 +186,10 @@ def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Tensor) -> tuple[
             total += 3 * D * d_out * d_in  # materialised per-layer Jacobians
     if plan.others is not None:
         total += 3 * D * plan.others.size
+    for bs in plan.blocks:  # Dense blocks: J·Q (D, p) and, per weight, aᵀQ (D_out, p)
+        if isinstance(bs.block, Dense):
+            d_out = max([t.shape[0] for t in bs.tensors if t.role == "weight"], default=0)
+            total += (3 * D + d_out) * bs.block.size
     return total, D
 
 
@@ -329,7 +336,38 @@ def functional_covariance(la: Laplace, plan: LayerwisePlan, data: dict[str, _Lay
                 elif t.layer is None:
                     J = _tensor_jacobian(t, data, J_other, plan, N, D, like)
                     out = out + (J * Kt) @ J.mT
+        else:  # Dense
+            if d.ndim == 1 and bool(torch.all(d == d[0])):
+                d = d[0]
+            if d.ndim == 0:
+                evals, Q = block.eig()
+                M = _jacobian_times(bs, data, J_other, plan, Q, N, D, like)
+                out = out + (M / (scale * evals + d)) @ M.mT
+            else:
+                M = _jacobian_times(bs, data, J_other, plan, block.covariance_dense(scale, d),
+                                    N, D, like)
+                out = out + M @ _block_jacobian(bs, data, J_other, plan, N, D, like).mT
+    return out
+
+
+def _jacobian_times(bs: BlockSlot, data: dict[str, _LayerData], J_other: Tensor | None,
+                    plan: LayerwisePlan, S: Tensor, N: int, D: int, like: Tensor) -> Tensor:
+    """J S for the block's Jacobian J (N, D, p) and a matrix S (p, q), tensor by tensor: (N, D, q).
+
+    A weight without sharing contracts its inputs first, J^W S = g (aᵀ S) with S as
+    (D_out, D_in, q), and never forms J^W.
+    """
+    out = like.new_zeros(N, D, S.shape[-1])
+    for t in bs.tensors:
+        St = S[t.start - bs.start : t.stop - bs.start]
+        ld = data.get(t.layer.name) if t.layer is not None else None
+        if t.layer is not None and ld is None:
+            continue  # the layer did not run: its Jacobian is zero
+        if t.role == "weight" and ld.a.shape[1] == 1:
+            aS = torch.einsum("nj,mjq->nmq", ld.a[:, 0], St.reshape(t.shape[0], -1, St.shape[-1]))
+            out = out + torch.einsum("dnm,nmq->ndq", ld.g[:, :, 0], aS)
+        elif t.role == "bias":
+            out = out + torch.einsum("dnm,mq->ndq", ld.g.sum(2), St)
         else:
-            J = _block_jacobian(bs, data, J_other, plan, N, D, like)
-            out = out + block.inv_quad(J, scale, d)
+            out = out + _tensor_jacobian(t, data, J_other, plan, N, D, like) @ St
     return out
