@@ -3,8 +3,9 @@
     python benchmarks/vs_laplace_torch.py                     # timing: both libraries, one process
     python benchmarks/vs_laplace_torch.py --memory            # peak memory, one subprocess per step
     python benchmarks/vs_laplace_torch.py --agreement         # float64 numbers vs laplace-torch
-    python benchmarks/vs_laplace_torch.py --fit-ratio         # fit cost / epoch cost (no laplace-torch)
+    python benchmarks/vs_laplace_torch.py --fit-ratio         # fit cost / epoch cost
     python benchmarks/vs_laplace_torch.py --scale             # ResNet-18 KFAC (no laplace-torch)
+    python benchmarks/vs_laplace_torch.py --table run.jsonl   # Markdown tables of saved output
     options: --repeats 3 --tile 1 --cases mlp-all-kron cnn-all-diag ... --batch-size 128
 
 Run it with a Python that has both ``marglik`` and ``laplace-torch`` (e.g. a separate virtualenv:
@@ -57,6 +58,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -438,7 +440,7 @@ def time_case(case: Case, args, folder: str) -> list[dict]:
             lib = libs[name]
             la = lib.build(copy.deepcopy(base), case)
             steps = STEPS + (LT_ONLY_STEPS if name == "laplace-torch" else [])
-            for step in steps:
+            for step in [s for s in steps if s == "fit" or s in args.steps]:
                 if step in status[name] and status[name][step] != "ok":
                     continue  # did not finish before: do not retry
                 done = times[name][step]
@@ -481,7 +483,7 @@ def time_case(case: Case, args, folder: str) -> list[dict]:
                     lib.save(la, state)  # the next repetitions reuse it instead of refitting
             posteriors[name] = la
     lines = []
-    for step in STEPS + LT_ONLY_STEPS:
+    for step in [s for s in STEPS + LT_ONLY_STEPS if s == "fit" or s in args.steps]:
         mt = times["marglik"][step]
         lt = times["laplace-torch"][step]
         t_target, _ = target(case, step)
@@ -534,8 +536,8 @@ def agreement_line(case, posteriors, outputs, xt, yt, status) -> dict:
         if dm is not None and dl is not None:
             line[f"tuned_{key[9:]}_prior_max_rel_diff"] = float(((dm - dl).abs() / dl).max())
             line[f"tuned_{key[9:]}_prior_marglik"] = [round(float(v), 5) for v in dm[:8]]
-    # predictive moments at one common prior precision (marglik's tuned scalar δ)
-    delta = outputs["marglik"]["evidence_scalar"].reshape(())
+    # predictive moments at one common prior precision (marglik's tuned scalar δ, else 1)
+    delta = outputs["marglik"].get("evidence_scalar", torch.tensor(1.0)).reshape(())
     m.set_prior(la_m, delta)
     lt.set_prior(la_l, delta)
     with warnings.catch_warnings():
@@ -838,6 +840,54 @@ def scale_child(args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------- tables
+
+
+def _fmt(v, unit: str = "") -> str:
+    return "–" if v is None else f"{v:.3g}{unit}"
+
+
+def markdown(paths: list[str]) -> str:
+    """Markdown tables from the JSON lines of earlier runs (timing, memory, agreement, scale)."""
+    rows = [json.loads(ln) for p in paths for ln in open(p) if ln.startswith("{")]
+    out = []
+    times = [r for r in rows if r["kind"] == "time"]
+    if times:
+        out += ["| case | params | step | laplace-torch | marglik | ratio | target | met? |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in times:
+            lt = _fmt(r["laplace_torch_s"], " s")
+            if r["laplace_torch_status"] != "ok":
+                lt = r["laplace_torch_status"].replace("|", "/")
+            met = "–" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            out.append(f"| {r['case']} | {r['params']:,} | {r['step']} | {lt} | "
+                       f"{_fmt(r['marglik_s'], ' s')} | {_fmt(r['ratio'])} | "
+                       f"{'≤ ' + str(r['target']) if r['target'] else '–'} | {met} |")
+    mems = [r for r in rows if r["kind"] == "memory"]
+    if mems:
+        out += ["", "| case | step | laplace-torch peak | marglik peak | ratio | target | met? |",
+                "|---|---|---|---|---|---|---|"]
+        for r in mems:
+            met = "–" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            lt = _fmt(r["laplace_torch_peak_delta_mb"], " MB")
+            if r["laplace_torch"].get("status", "ok") != "ok":
+                lt = r["laplace_torch"]["status"].replace("|", "/")
+            out.append(f"| {r['case']} | {r['step']} | {lt} | "
+                       f"{_fmt(r['marglik_peak_delta_mb'], ' MB')} | {_fmt(r['ratio'])} | "
+                       f"{'≤ ' + str(r['target']) if r['target'] else '–'} | {met} |")
+    agree = [r for r in rows if r["kind"] == "agreement_float64"]
+    if agree:
+        out += ["", "| case | params | prior δ | log Z marglik | log Z laplace-torch | rel. diff |"
+                " ≤ 1e-4? |", "|---|---|---|---|---|---|---|"]
+        for r in agree:
+            lt = f"{r['laplace_torch']:.10g}" if r.get("laplace_torch") is not None else (
+                r.get("error", "–"))
+            ok = "–" if "within_1e_4" not in r else ("yes" if r["within_1e_4"] else "**no**")
+            out.append(f"| {r['case']} | {r['params']:,} | {r['prior']} | {r['marglik']:.10g} "
+                       f"| {lt} | {r.get('rel_diff', '–')} | {ok} |")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -871,6 +921,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--cases", nargs="+", default=[c.name for c in CASES],
                         choices=[c.name for c in CASES])
+    parser.add_argument("--steps", nargs="+", default=STEPS + LT_ONLY_STEPS,
+                        choices=STEPS + LT_ONLY_STEPS, help="timing: steps to run (fit always)")
     parser.add_argument("--memory", action="store_true", help="peak memory per step")
     parser.add_argument("--agreement", action="store_true", help="float64 agreement checks")
     parser.add_argument("--fit-ratio", action="store_true", help="fit cost / epoch cost")
@@ -887,10 +939,15 @@ def main() -> None:
     parser.add_argument("--slow", type=float, default=60.0,
                         help="steps slower than this (s) on their first run are not repeated")
     parser.add_argument("--folder", help="where trained weights are cached (default: temporary)")
+    parser.add_argument("--table", nargs="+", metavar="JSONL",
+                        help="print Markdown tables from the JSON lines of earlier runs")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--save", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scale-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(markdown(args.table))
+        return
     torch.set_num_threads(1)
     warm_up()
     if args.child:
