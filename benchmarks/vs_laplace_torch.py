@@ -809,34 +809,46 @@ def digits32(n: int, train_split: bool = True, tile: int = 1):
 def scale_child(args) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = ResNet18(width=args.width).eval()
-    x, y = digits32(args.scale_n, tile=2)
-    xt, _ = digits32(args.scale_test, train_split=False)
+    device = torch.device(args.device)
+    model = ResNet18(width=args.width).eval().to(device)
+    x, y = digits32(args.scale_n, tile=2)  # the loader stays on the CPU; fit moves batches
+    xt = digits32(args.scale_test, train_split=False)[0].to(device)
+
+    def synced(fn):
+        def run():
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+        return run
+
     loader = DataLoader(TensorDataset(x, y), batch_size=args.scale_batch)
     la = marglik.Laplace(model, "classification", hessian_structure="kron")
     out = {"kind": "scale", "model": f"ResNet-18 (width {args.width})", "params": sum(
         p.numel() for p in model.parameters()), "input": "digits upsampled to 3x32x32",
         "weights": "random init (eval mode, BatchNorm running stats at init)",
-        "n_fit": len(x), "fit_batch": args.scale_batch, "n_test": len(xt)}
+        "n_fit": len(x), "fit_batch": args.scale_batch, "n_test": len(xt), "device": str(device)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t_fit, _ = timed(lambda: la.fit(loader))
+        t_fit, _ = timed(synced(lambda: la.fit(loader)))
     out["warnings"] = sorted({str(w.message)[:120] for w in caught})
     out["fit_s"] = round(t_fit, 2)
     out["fit_s_per_1000"] = round(1000 * t_fit / len(x), 2)
     out["peak_rss_after_fit_mb"] = round(_status_kb("VmHWM") / 1024, 1)
-    t_ev, _ = timed(lambda: la.optimize_prior_precision(n_steps=N_EVIDENCE_STEPS))
+    t_ev, _ = timed(synced(lambda: la.optimize_prior_precision(n_steps=N_EVIDENCE_STEPS)))
     out["evidence_100_steps_s_incl_eigh"] = round(t_ev, 2)
     out["prior_precision"] = round(float(la.prior_precision), 4)
     reset_peak()
     before = _status_kb("VmRSS")
     with torch.no_grad():
-        t_pred, probs = timed(lambda: la(xt, pred_type="glm", link_approx="probit"))
+        t_pred, probs = timed(synced(lambda: la(xt, pred_type="glm", link_approx="probit")))
     out["predictive_s"] = round(t_pred, 2)
     out["predictive_s_per_1000"] = round(1000 * t_pred / len(xt), 2)
     out["predictive_peak_delta_mb"] = round((_status_kb("VmHWM") - before) / 1024, 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["probs_finite"] = bool(torch.isfinite(probs).all())
+    if device.type == "cuda":
+        out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 
@@ -931,6 +943,7 @@ def main() -> None:
     parser.add_argument("--scale-n", type=int, default=1000)
     parser.add_argument("--scale-test", type=int, default=540)
     parser.add_argument("--scale-batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="device of the ResNet-18 scale run")
     parser.add_argument("--cap-gb", type=float, default=20.0,
                         help="address-space cap of guarded subprocesses (lowered to the "
                              "memory available minus 1 GB)")
@@ -973,11 +986,16 @@ def main() -> None:
         cap = int(args.cap_gb * 2**30)
         cmd = [sys.executable, os.path.abspath(__file__), "--scale-child", "--width",
                str(args.width), "--scale-n", str(args.scale_n), "--scale-test",
-               str(args.scale_test), "--scale-batch", str(args.scale_batch)]
+               str(args.scale_test), "--scale-batch", str(args.scale_batch),
+               "--device", args.device]
+
+        def cap_memory():  # CUDA reserves far more address space than it uses: no cap there
+            if args.device == "cpu":
+                resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.time_limit,
-                                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS,
-                                                                       (cap, cap)))
+                                 preexec_fn=cap_memory)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             print(lines[-1] if lines else json.dumps(
                 {"kind": "scale", "status": "did not finish",
