@@ -1,9 +1,13 @@
 """Heteroscedastic regression on the Skafte toy with a natural-parameter network.
 
-x ~ U[2.5, 12.5], y = x sin x + (0.1 + 0.5|x|) ε. A 1×50 MLP outputs (g1, g2), read as the natural
-parameters of a Gaussian (NaturalGaussian); weights and layer-wise priors are trained together by
-the Laplace evidence. The plot shows the mean with the epistemic band (linearised mean) and the
-total band (epistemic + aleatoric), saved to heteroscedastic_toy.png.
+x ~ U[2.5, 12.5], y = x sin x + (0.1 + 0.5|x|) ε with ε ~ N(0, 1). A 1×50 MLP outputs (g1, g2),
+read as the natural parameters of a Gaussian (NaturalGaussian); weights and layer-wise priors are
+trained together by the Laplace evidence. The plot shows the mean with the epistemic band
+(linearised mean) and the total band (epistemic + aleatoric), saved to heteroscedastic_toy.png.
+This is the toy of Immer et al. (NeurIPS 2023, after Skafte et al. 2019) with 500 points and 500
+full-batch epochs, so that it runs in under a minute (42 s on a loaded 2-core machine);
+``benchmarks/heteroscedastic_toys.py`` fits it with 1000 points, scores a test set against a
+homoscedastic baseline and also fits mcycle.
 
     python examples/heteroscedastic_toy.py
 """
