@@ -3,8 +3,9 @@
 Datasets: AN, LS, MN-U (ANLSMN layout), SIM, SIM-c (Benchmark_simulated) from
 ``/work/shared/data/cause-effect`` and the Tübingen pairs shipped in ``cdt`` (weighted accuracy
 over the pairs with ``used_in_LOCI_eval`` True). For each pair and each configuration (``spline``,
-``spline-homo``, ``nn``, ``nn-evidence``, ``nn-homo``) one :func:`marglik.causal.loci` call with
-``method="loci-h"`` fits both directions once and yields both the LOCI_H and LOCI_M scores.
+``spline-homo``, ``nn``, ``nn-evidence``, ``nn-homo``) one
+:func:`marglik.applications.causal.loci` call with ``method="loci-h"`` fits both directions once
+and yields both the LOCI_H and LOCI_M scores.
 
 - The spline ridge is chosen per pair and direction by the Laplace evidence of that fit's own data
   (``--spline-ridge R`` fixes it instead).
@@ -37,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from marglik.causal.data import load_benchmark, load_tuebingen
-from marglik.causal.loci import loci, single_threaded
-from marglik.causal.metrics import accuracy, audrc
+from marglik.applications.causal.data import load_benchmark, load_tuebingen
+from marglik.applications.causal.loci import loci, single_threaded
+from marglik.applications.causal.metrics import accuracy, audrc
 
 DATA = Path(os.environ.get("MARGLIK_CAUSE_EFFECT", "/work/shared/data/cause-effect"))
 FOLDERS = {

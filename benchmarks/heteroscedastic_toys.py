@@ -3,9 +3,10 @@
 Both data sets are fitted by heteroscedastic online evidence training (Immer et al., NeurIPS 2023):
 a 1×50 GELU MLP with outputs (g1, g2) read by :class:`~marglik.likelihoods.NaturalGaussian`
 (softplus head), weights and layer-wise prior precisions trained together by
-:func:`~marglik.online.marglik_training` (KFAC, via :func:`~marglik.methods.fit_heteroscedastic`),
-full-batch Adam. A homoscedastic network trained the same way (Gaussian likelihood, σ learned by
-the evidence) is the baseline. Inputs and targets are standardised; all numbers are reported in
+:func:`~marglik.training.marglik_training` (KFAC, via
+:func:`~marglik.applications.heteroscedastic.fit_heteroscedastic`), full-batch Adam. A
+homoscedastic network trained the same way (Gaussian likelihood, σ learned by the evidence) is the
+baseline. Inputs and targets are standardised; all numbers are reported in
 original units (log-likelihood per point, − log y_std).
 
 * **Skafte toy** (as in methods.md §7 and Immer et al. 2023, after Skafte et al. 2019):
@@ -37,8 +38,11 @@ matplotlib.use("Agg")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from marglik.methods import fit_heteroscedastic, heteroscedastic_predictive  # noqa: E402
-from marglik.online import marglik_training  # noqa: E402
+from marglik.applications.heteroscedastic import (  # noqa: E402
+    fit_heteroscedastic,
+    heteroscedastic_predictive,
+)
+from marglik.training import marglik_training  # noqa: E402
 
 
 def skafte(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

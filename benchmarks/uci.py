@@ -98,12 +98,11 @@ def run_job(job):
     torch.set_num_threads(1)
     if job.get("deadline") and time.time() > job["deadline"]:
         return []  # --stop-after reached: skip jobs that have not started
+    from marglik.applications.heteroscedastic import heteroscedastic_predictive
     from marglik.data import load_uci
     from marglik.likelihoods import NaturalGaussian
-    from marglik.methods import heteroscedastic_predictive
-    from marglik.online import marglik_training
     from marglik.posterior import Laplace
-    from marglik.training import train_map
+    from marglik.training import marglik_training, train_map
 
     name, split, cfg = job["name"], job["split"], job["cfg"]
     methods = cfg.get("methods", METHODS)

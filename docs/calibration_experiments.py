@@ -24,9 +24,8 @@ from torch import nn
 import marglik
 from marglik import metrics
 from marglik.data import Standardizer, load_digits_split
-from marglik.online import marglik_training
 from marglik.predictive import glm_moments
-from marglik.training import train_map
+from marglik.training import marglik_training, train_map
 
 torch.set_num_threads(1)
 MC = 1000

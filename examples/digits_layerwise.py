@@ -11,7 +11,7 @@ from torch import nn
 
 from marglik import metrics
 from marglik.data import load_digits_split
-from marglik.online import marglik_training
+from marglik.training import marglik_training
 
 torch.set_num_threads(1)  # small networks: one thread is fastest
 torch.manual_seed(0)

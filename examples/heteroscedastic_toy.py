@@ -17,7 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import torch  # noqa: E402
 
-from marglik.methods import fit_heteroscedastic, heteroscedastic_predictive  # noqa: E402
+from marglik.applications.heteroscedastic import (  # noqa: E402
+    fit_heteroscedastic,
+    heteroscedastic_predictive,
+)
 from marglik.plot import predictive_bands  # noqa: E402
 
 torch.set_num_threads(1)  # small networks: one thread is fastest

@@ -15,9 +15,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from marglik import Laplace  # noqa: E402
-from marglik.online import marglik_training  # noqa: E402
 from marglik.plot import predictive_bands  # noqa: E402
-from marglik.training import train_map  # noqa: E402
+from marglik.training import marglik_training, train_map  # noqa: E402
 
 torch.set_num_threads(1)  # small networks: one thread is fastest
 torch.manual_seed(0)

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import marglik
+from marglik.applications.heteroscedastic import heteroscedastic_predictive
 from marglik.likelihoods import NaturalGaussian
-from marglik.methods import heteroscedastic_predictive
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

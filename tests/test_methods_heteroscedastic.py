@@ -1,4 +1,4 @@
-"""Tests of marglik.methods.heteroscedastic (predictive of natural-parameter networks)."""
+"""Tests of marglik.applications.heteroscedastic (predictive of natural-parameter networks)."""
 
 import math
 
@@ -6,14 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from marglik.likelihoods.heteroscedastic import NaturalGaussian
-from marglik.methods import (
+from marglik.applications.heteroscedastic import (
+    Standardisation,
     fit_heteroscedastic,
     heteroscedastic_predictive,
     mean_variance_network_to_natural,
 )
-from marglik.online import marglik_training
+from marglik.likelihoods.heteroscedastic import NaturalGaussian
 from marglik.posterior import Laplace
+from marglik.training import marglik_training
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,6 +115,18 @@ def test_refit_on_rescaled_targets_rescales_predictive():
     torch.testing.assert_close(q.mean, 3 * p.mean - 7)
     torch.testing.assert_close(q.epistemic_var, 9 * p.epistemic_var)
     torch.testing.assert_close(q.aleatoric_var, 9 * p.aleatoric_var)
+
+
+def test_standardisation_uses_bessel_corrected_stds():
+    x, y = skafte(50, seed=2)
+    x = torch.stack([x, torch.ones_like(x)], -1)  # a constant feature is only centred
+    s = Standardisation.fit(x, y)
+    torch.testing.assert_close(s.x_mean, x.mean(0))
+    torch.testing.assert_close(s.x_std, torch.stack([x[:, 0].std(), torch.tensor(1.0)]))
+    assert s.y_mean.shape == s.y_std.shape == ()
+    torch.testing.assert_close(s.y_std, y.std())
+    torch.testing.assert_close(s.transform_y(y[:, None]), ((y - y.mean()) / y.std())[:, None])
+    torch.testing.assert_close(s.transform_x(x), (x - s.x_mean) / s.x_std)
 
 
 @pytest.mark.parametrize("positivity", ["softplus", "exp"])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from marglik.online import marglik_training, select_architecture
+from marglik.training import marglik_training, select_architecture
 
 
 def sinusoid(n=60, seed=0):

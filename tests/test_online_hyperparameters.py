@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from marglik import Laplace
-from marglik.online import marglik_training
+from marglik.training import marglik_training
 from tests.oracle import gaussian_log_density
 
 STRUCTURES = ["full", "kron", "diag"]

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import marglik
+from marglik.posterior.glm import resolve_backend
 from marglik.predictive import glm_moments, predict
-from marglik.predictive.glm import resolve_backend
 from marglik.predictive.links import bridge, bridge_log_alpha, monte_carlo, probit
 from tests import oracle
 

@@ -1,8 +1,9 @@
 """marglik: Laplace approximations and marginal-likelihood model selection for PyTorch."""
 
 from marglik import likelihoods
-from marglik.online import marglik_training, select_architecture
-from marglik.posterior import Laplace
+from marglik.posterior import Laplace, Posterior, Prior
+from marglik.training import marglik_training, select_architecture
 
 __version__ = "0.1.0"
-__all__ = ["Laplace", "likelihoods", "marglik_training", "select_architecture"]
+__all__ = ["Laplace", "Posterior", "Prior", "likelihoods", "marglik_training",
+           "select_architecture"]

@@ -6,7 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from marglik.causal.data import load_anlsmn, load_benchmark, load_simulated, load_tuebingen
+from marglik.applications.causal.data import (
+    load_anlsmn,
+    load_benchmark,
+    load_simulated,
+    load_tuebingen,
+)
 
 SHARED = Path("/work/shared/data/cause-effect")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from marglik.causal.estimators import (
+from marglik.applications.causal.estimators import (
     NeuralEstimator,
     SplineEstimator,
     fit_jointly,
@@ -36,6 +36,14 @@ def test_log_lik_matches_torch_normal(pair, name, homoscedastic):
         np.testing.assert_allclose(var, var[0])
     # a fitted model beats the standard normal it started from
     assert est.log_lik(x, y).mean() > normal_log_prob(0.0, 1.0, y).mean() + 0.3
+
+
+def test_standardise_is_numpys_population_standardisation():
+    rng = np.random.default_rng(0)
+    v = 7 * rng.normal(size=1000) + 3
+    np.testing.assert_array_equal(standardise(v), (v - v.mean()) / v.std())  # bit for bit
+    ints = standardise(list(range(10)))
+    assert ints.dtype == np.float64 and abs(ints.mean()) < 1e-12 and ints.std() == pytest.approx(1)
 
 
 def test_gaussian_log_lik_natural_form():

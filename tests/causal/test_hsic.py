@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from marglik.causal.hsic import gaussian_gram, hsic, median_bandwidth
+from marglik.applications.causal.hsic import gaussian_gram, hsic, median_bandwidth
 
 
 def brute_force_hsic(a, b):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from marglik.causal.loci import CausalResult, check_pair, loci, loci_batch
+from marglik.applications.causal.loci import CausalResult, check_pair, loci, loci_batch
 
 NN = {"steps": 500}
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from marglik.causal.metrics import accuracy, audrc
+from marglik.applications.causal.metrics import accuracy, audrc
 
 
 def test_accuracy_plain_and_weighted():

@@ -13,7 +13,6 @@ runs.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--x and --y name the two columns of the CSV file")
     x, y = read_columns(args.csv, args.x, args.y)
 
-    from marglik.causal.loci import check_pair, loci
+    from marglik.applications.causal.loci import check_pair, loci
 
     try:
         check_pair(x, y, names=(f"column {args.x!r}", f"column {args.y!r}"))
@@ -85,18 +84,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_columns(path: Path, col_x: str, col_y: str) -> tuple[list[float], list[float]]:
-    """Two numeric columns of a CSV file with a header row; CLIError on any problem."""
+    """Two numeric columns of a CSV file with a header row; CLIError on any problem.
+
+    The file is read by :func:`marglik.data.tabular.read_csv_rows` (the reading step of
+    :func:`~marglik.data.read_table`); only the two columns are parsed, so other columns may hold
+    anything. ``col_x``/``col_y`` name a column, or give its 0-based index.
+    """
     if not path.is_file():
         raise CLIError(f"{path}: no such file")
+    from marglik.data.tabular import DataError, read_csv_rows
+
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise CLIError(f"{path}: cannot read CSV ({err})") from None
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
-    if not rows:
-        raise CLIError(f"{path}: empty file")
-    header = [cell.strip() for cell in rows[0]]
+        header, rows, lines = read_csv_rows(path)
+    except DataError as err:
+        raise CLIError(str(err)) from None
     columns = []
     for col in (col_x, col_y):
         if col in header:
@@ -106,7 +107,9 @@ def read_columns(path: Path, col_x: str, col_y: str) -> tuple[list[float], list[
         else:
             raise CLIError(f"{path}: no column {col!r} (columns: {', '.join(header)})")
     values: tuple[list[float], list[float]] = ([], [])
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in zip(lines, rows, strict=True):
+        if not any(cell.strip() for cell in row):
+            continue  # a row of empty cells
         for out, index, name in zip(values, columns, (col_x, col_y), strict=True):
             if index >= len(row):
                 raise CLIError(f"{path}: line {line} has no value for column {name!r}")
@@ -122,9 +125,9 @@ def read_columns(path: Path, col_x: str, col_y: str) -> tuple[list[float], list[
 def run_benchmark(args: argparse.Namespace, options: dict) -> int:
     import numpy as np
 
-    from marglik.causal.data import load_benchmark
-    from marglik.causal.loci import loci_batch
-    from marglik.causal.metrics import accuracy, audrc
+    from marglik.applications.causal.data import load_benchmark
+    from marglik.applications.causal.loci import loci_batch
+    from marglik.applications.causal.metrics import accuracy, audrc
 
     try:
         pairs = load_benchmark(args.benchmark)

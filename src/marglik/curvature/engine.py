@@ -6,10 +6,17 @@ and the curvature sums for the requested structure, all-reduces them across rank
 
 - ``"full"``: one Dense block, H = Σ_n M_nᵀ M_n with M_n the per-sample column gradients;
 - ``"diag"``: one Diagonal block with the exact GGN/EF diagonal (per-layer closed forms for
-  Linear/Conv, ``torch.func`` per-sample gradients for every other parameter);
-- ``"kron"``: per tensor, Kronecker G ⊗ A for Linear/Conv weights, Dense G for their biases, and
-  Diagonal blocks for parameters KFAC cannot express (with a warning);
+  registered layers, ``torch.func`` per-sample gradients for every other parameter);
+- ``"kron"``: per tensor, Kronecker G ⊗ A for registered layers' weights, Dense G for their
+  biases, and Diagonal blocks for parameters KFAC cannot express (with a warning);
 - ``"lowrank"``: top-k eigenpairs by Lanczos (matrix-free GGN-vector products).
+
+Which modules are layers with closed forms comes from the layer registry
+(:mod:`marglik.curvature.registry`: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, and whatever
+is registered); the parameter → layer map from :func:`~marglik.curvature.layers.layer_map`,
+shared with the layer-wise predictive. Each structure is one accumulator
+(:mod:`marglik.curvature.accumulators`) with the same interface: the loop here records the
+layers, backpropagates the accumulator's output columns to them and hands it the batch.
 
 With ``create_graph=True`` nothing is detached: the curvature sums and the data-fit statistics
 keep their autograd graph to every tensor the forward pass uses other than the subset's own
@@ -18,45 +25,47 @@ enter the model or the likelihood — a learned input transformation, an augment
 both the data fit and the curvature (Immer et al., ICML 2021; NeurIPS 2022). Supported for the
 exact GGN with ``"full"``, ``"diag"`` and ``"kron"``. Gradients then come from plain autograd
 only (``torch.func`` does not differentiate every op correctly for an outer graph, e.g.
-``nn.LayerNorm``): Linear/Conv parameters from the layer hooks (also for ``"full"``), any other
-parameter of the posterior from one backward pass per sample and output column. With the backward
-pass of the evidence a fit costs about 1.5–3 times a plain one for Linear/Conv networks, and it
-keeps the graph of every batch in memory until the evidence is backpropagated.
+``nn.LayerNorm``): registered layers' parameters from the layer hooks (also for ``"full"``),
+any other parameter of the posterior from one backward pass per sample and output column. With
+the backward pass of the evidence a fit costs about 1.5–3 times a plain one for Linear/Conv
+networks, and it keeps the graph of every batch in memory until the evidence is backpropagated.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Collection, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from marglik.curvature.columns import CURVATURES, output_columns
-from marglik.curvature.kfac import (
-    KFAC_APPROXIMATIONS,
-    exact_layer_diagonal,
-    kfac_statistics,
-    layer_sample_gradients,
-)
-from marglik.curvature.lanczos import ggn_matvec, lanczos
+from marglik.curvature.accumulators import ACCUMULATORS, FitSpec, Sums
+from marglik.curvature.columns import CURVATURES
+from marglik.curvature.kfac import KFAC_APPROXIMATIONS
 from marglik.curvature.layers import (
     GraphLayerRecorder,
+    LayerMap,
     LayerRecorder,
-    backprop_columns,
-    find_layers,
-    output_grads,
+    layer_batches,
+    layer_map,
 )
-from marglik.curvature.per_sample import per_sample_column_grads, per_sample_column_grads_autograd
+from marglik.curvature.runtime import accumulation_dtype, batches, eval_mode
 from marglik.curvature.subsets import ParameterSubset
 from marglik.distributed import all_reduce_sum, is_distributed
 from marglik.likelihoods import Likelihood
-from marglik.structures import BlockDiagonal, CurvatureBlock, Dense, Diagonal, Kronecker, LowRank
+from marglik.structures import BlockDiagonal
 
-STRUCTURES = ("full", "diag", "kron", "lowrank")
+STRUCTURES = tuple(ACCUMULATORS)
+
+__all__ = [
+    "STRUCTURES",
+    "Curvature",
+    "accumulation_dtype",
+    "batches",
+    "eval_mode",
+    "fit_curvature",
+]
 
 
 @dataclass
@@ -66,43 +75,6 @@ class Curvature:
     structure: BlockDiagonal
     statistics: dict[str, Tensor]
     n_data: int
-
-
-@contextmanager
-def eval_mode(model: nn.Module, requires_grad: Collection[str] = ()) -> Iterator[None]:
-    """Eval mode, gradients only for the named parameters; both restored exactly afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    chosen = set(requires_grad)
-    model.eval()
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in chosen)
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-
-
-def accumulation_dtype(model: nn.Module) -> torch.dtype:
-    """At least float32 for curvature sums; float64 if the model is float64."""
-    dtype = next(model.parameters()).dtype
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def batches(loader: Iterable, model: nn.Module) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (x, y) moved to the model's device (floating x cast to its dtype), checking x."""
-    param = next(model.parameters())
-    for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("the data loader must yield (x, y) pairs")
-        x, y = batch
-        x = x.to(param.device, param.dtype if x.is_floating_point() else None)
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError(f"inputs contain {int((~torch.isfinite(x)).sum())} NaN/inf values")
-        yield x, y.to(param.device)
 
 
 def fit_curvature(
@@ -153,29 +125,37 @@ def fit_curvature(
             "subnetwork given by a mask or indices"
         )
 
-    use_layers = structure in ("kron", "diag") or (structure == "full" and create_graph)
-    layers = find_layers(model, subset) if use_layers else []
-    covered = {n for rec in layers for n in (rec.weight, rec.bias) if n}
-    rest_names = [n for n in subset.names if n not in covered]
+    accumulator_type = ACCUMULATORS[structure]
+    uses_layers = accumulator_type.uses_layers(create_graph)
+    lmap = layer_map(model, subset) if uses_layers else LayerMap([], {})
+    layers = lmap.layers
+    rest_names = [n for n in subset.names if n not in lmap.owner]
     shapes = dict(zip(subset.names, subset.shapes))
     rest = (
         ParameterSubset(rest_names, [shapes[n] for n in rest_names], subset.index)
         if rest_names
         else None
     )
-    if structure == "kron" and rest is not None:
-        warnings.warn(f"KFAC cannot express {rest_names}; they get diagonal blocks", stacklevel=3)
-
     acc = accumulation_dtype(model)
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def add(key: str, value: Tensor) -> None:
-        value = (value if create_graph else value.detach()).to(acc)
-        sums[key] = sums[key] + value if key in sums else value.clone()
+    sums = Sums(acc, keep_graph=create_graph)
+    spec = FitSpec(
+        model=model,
+        likelihood=likelihood,
+        loader=loader,
+        subset=subset,
+        layers=lmap,
+        rest=rest,
+        curvature=curvature,
+        kfac_approx=kfac_approx,
+        rank=rank,
+        mc_samples=mc_samples,
+        seed=seed,
+        create_graph=create_graph,
+        dtype=acc,
+    )
+    accumulator = accumulator_type(spec, sums)
 
     n_data = 0
-    gen = torch.Generator().manual_seed(seed)
     trainable = subset.names
     recorder_type = LayerRecorder
     if create_graph:  # hyperparameters outside the subset stay in the graph
@@ -189,135 +169,23 @@ def fit_curvature(
                 f = model(x)
             fd, y = likelihood.validate(f if create_graph else f.detach(), y)
             for key, value in likelihood.statistics(fd, y).items():
-                add("stat." + key, value)
+                sums.add("stat." + key, value)
             n_data += fd.shape[0]
-            if structure == "lowrank":
-                continue
-            U = output_columns(
-                likelihood,
-                fd,
-                y,
-                curvature,
-                split_positions=structure != "kron",
-                mc_samples=mc_samples,
-                generator=gen,
-            ).to(fd.dtype)
-            layer_grads: dict[str, Tensor] = {}  # "full" with a graph: per-sample (K, N, numel)
-            if layers:
-                outs = [o for rec in layers for o in rec.outputs]
-                grads = iter(backprop_columns(f, outs, U, create_graph))
-                for rec in layers:
-                    a = torch.cat(rec.inputs, 1)
-                    b = torch.cat([output_grads(rec.module, next(grads)) for _ in rec.outputs], 2)
-                    if structure == "kron":
-                        A, G, count = kfac_statistics(a, b, kfac_approx)
-                        add(rec.name + ".A", A)
-                        add(rec.name + ".G", G)
-                        counts[rec.name] = counts.get(rec.name, 0) + count
-                    elif structure == "diag":
-                        w_diag, b_diag = exact_layer_diagonal(a, b)
-                        add(rec.name + ".weight_diag", w_diag)
-                        add(rec.name + ".bias_diag", b_diag)
-                    else:
-                        w_grad, b_grad = layer_sample_gradients(a, b)
-                        for name, grad in ((rec.weight, w_grad), (rec.bias, b_grad)):
-                            if name:
-                                layer_grads[name] = grad
-            del f
-            if rest is not None:
-                if (
-                    structure == "kron" and fd.ndim > 2 and curvature == "ggn"
-                ):  # exact diagonal blocks
-                    U = output_columns(likelihood, fd, y, curvature, split_positions=True).to(
-                        fd.dtype
-                    )
-                if create_graph:
-                    M = per_sample_column_grads_autograd(model, rest, x, U)
-                else:
-                    M = per_sample_column_grads(model, rest, x, U)
-                if structure == "full" and layers:
-                    sizes = [shapes[n].numel() for n in rest.names]
-                    layer_grads.update(zip(rest.names, M.split(sizes, -1)))
-                elif structure == "full":
-                    M = M.reshape(-1, M.shape[-1]).to(acc)
-                    add("H", M.T @ M)
-                else:
-                    add("rest_diag", M.square().sum((0, 1)))
-            if layer_grads:
-                M = torch.cat([layer_grads[n] for n in subset.names], -1)
-                M = M.reshape(-1, M.shape[-1]).to(acc)
-                add("H", M.T @ M)
+            U = accumulator.columns(fd, y)
+            # the backward pass to the layers happens here; ``recorded`` (the column gradients)
+            # lives until the next batch replaces it, so their buffers are reused
+            recorded = layer_batches(f, layers, U, create_graph)
+            del f  # the rest of the graph is not needed for the per-sample gradients
+            accumulator.add_batch(x, fd, y, U, recorded)
     if n_data == 0:
         raise ValueError("the data loader is empty")
 
-    sums["n_data"] = torch.tensor(float(n_data), dtype=acc)
-    for name, count in counts.items():
-        sums[name + ".count"] = torch.tensor(float(count), dtype=acc)
-    all_reduce_sum(sums)
-    n_data = int(sums.pop("n_data").round())
-    statistics = {k[5:]: sums.pop(k) for k in list(sums) if k.startswith("stat.")}
-    for key, value in sums.items():
+    totals = all_reduce_sum(sums.totals(n_data))
+    n_data = int(totals.pop("n_data").round())
+    statistics = {k[5:]: totals.pop(k) for k in list(totals) if k.startswith("stat.")}
+    for key, value in totals.items():
         if not torch.isfinite(value).all():
             raise RuntimeError(
                 f"curvature {key!r} contains NaN/inf values: check the model and data"
             )
-
-    if structure == "full":
-        blocks: list[CurvatureBlock] = [Dense(sums["H"])]
-    elif structure == "lowrank":
-        k = min(subset.size, rank or 100)
-        mv = ggn_matvec(model, likelihood, _Replay(loader, model), subset, curvature, seed)
-        with eval_mode(model, subset.names):
-            vals, vecs = lanczos(
-                mv, subset.size, k, dtype=acc, device=next(model.parameters()).device, seed=seed
-            )
-        blocks = [LowRank(vecs, vals)]
-    else:
-        blocks = _tensor_blocks(structure, subset, layers, sums)
-    return Curvature(BlockDiagonal(blocks), statistics, n_data)
-
-
-class _Replay:
-    """Re-iterable view of a loader as device-ready (x, y) batches."""
-
-    def __init__(self, loader: Iterable, model: nn.Module):
-        self.loader, self.model = loader, model
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return batches(self.loader, self.model)
-
-
-def _tensor_blocks(
-    structure: str, subset: ParameterSubset, layers: list, sums: dict[str, Tensor]
-) -> list[CurvatureBlock]:
-    """Per-tensor blocks (in subset order) for the diag and kron structures."""
-    owner = {}
-    for rec in layers:
-        if rec.weight:
-            owner[rec.weight] = (rec, "weight")
-        if rec.bias:
-            owner[rec.bias] = (rec, "bias")
-    diagonals: list[Tensor] = []
-    blocks: list[CurvatureBlock] = []
-    rest_offset = 0
-    for name, shape in zip(subset.names, subset.shapes):
-        if name not in owner:
-            numel = int(torch.Size(shape).numel())
-            diagonals.append(sums["rest_diag"][rest_offset : rest_offset + numel])
-            rest_offset += numel
-        elif structure == "diag":
-            rec, kind = owner[name]
-            diagonals.append(sums[f"{rec.name}.{kind}_diag"].reshape(-1))
-        else:
-            rec, kind = owner[name]
-            if diagonals:
-                blocks.append(Diagonal(torch.cat(diagonals)))
-                diagonals = []
-            G = sums[rec.name + ".G"]
-            if kind == "weight":
-                blocks.append(Kronecker(G, sums[rec.name + ".A"] / sums[rec.name + ".count"]))
-            else:
-                blocks.append(Dense(G))
-    if diagonals:
-        blocks.append(Diagonal(torch.cat(diagonals)))
-    return blocks
+    return Curvature(BlockDiagonal(accumulator.blocks(totals)), statistics, n_data)

@@ -1,65 +1,139 @@
 """Collecting layer inputs and output gradients with forward hooks (no factor maths here).
 
-Supported layers are ``nn.Linear`` (inputs with any leading dimensions: the middle ones are
-shared positions, e.g. tokens or graph nodes) and ``nn.Conv1d``/``nn.Conv2d`` with
-``groups=1`` and zero padding (patches are the shared positions). For each call of a layer we
-keep its input ``a`` as (N, R, D_in) — convolution inputs unfolded into patches — and later the
-gradients ``b`` of each output column w.r.t. the layer output as (K, N, R, D_out).
+Which modules are layers, and how their inputs and output gradients are laid out, comes from the
+registry (:mod:`marglik.curvature.registry`): ``nn.Linear`` and ``nn.Conv1d``/``nn.Conv2d``
+(``groups=1``, zero padding) are registered, other types can be. :func:`layer_map` resolves a
+model and a parameter subset into the layers to record and the map parameter → (layer, role),
+once per fit or predictive plan; the curvature engine and the layer-wise predictive both use it.
+
+For each call of a layer we keep its input ``a`` as (N, R, D_in) — e.g. convolution inputs
+unfolded into patches — and later the gradients ``b`` of each output column w.r.t. the layer
+output as (K, N, R, D_out).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marglik.curvature.registry import LayerType, layer_type
 from marglik.curvature.subsets import ParameterSubset
 
 
 @dataclass
 class LayerRecord:
-    """A supported layer whose weight and/or bias lie in the subset, and what one forward saw."""
+    """A registered layer whose weight and/or bias lie in the subset, and what one forward saw.
+
+    ``kind`` is the registry entry, resolved once when the record is made (see
+    :func:`layer_map`); the hooks use it on every call without a lookup.
+    """
 
     name: str
     module: nn.Module
     weight: str | None  # parameter name if the weight is in the subset
     bias: str | None
+    kind: LayerType | None = None  # default: looked up in the registry
     inputs: list[Tensor] = field(default_factory=list)  # (N, R, D_in) per call
     outputs: list[Tensor] = field(default_factory=list)  # raw outputs per call (graph attached)
 
+    def __post_init__(self) -> None:
+        if self.kind is None:
+            self.kind = layer_type(self.module)
+            if self.kind is None:
+                raise ValueError(
+                    f"layer {self.name!r}: {type(self.module).__name__} is not a "
+                    "registered layer type (marglik.curvature.registry)"
+                )
 
-def supported(module: nn.Module) -> bool:
-    """Whether the layer's weight has a Kronecker-factored curvature here."""
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return module.groups == 1 and module.padding_mode == "zeros"
-    return False
+    def empty_copy(self) -> LayerRecord:
+        """The same layer with nothing recorded (for a recording of its own)."""
+        return LayerRecord(self.name, self.module, self.weight, self.bias, self.kind)
+
+    def data(self, grads: Iterator[Tensor]) -> tuple[Tensor, Tensor]:
+        """(a (N, R, D_in), b (K, N, R, D_out)) over all recorded calls.
+
+        Takes the next ``len(self.outputs)`` entries of ``grads``: the column gradients
+        (K, *output.shape) w.r.t. each recorded output, in call order (see
+        :func:`backprop_columns`). Calls are concatenated along the positions R.
+        """
+        a = torch.cat(self.inputs, 1)
+        b = torch.cat([self.kind.output_grads(self.module, next(grads)) for _ in self.outputs], 2)
+        return a, b
+
+
+@dataclass
+class LayerMap:
+    """The registered layers owning parameters of a subset, and which parameter is which.
+
+    Attributes:
+        layers: records in ``model.named_modules()`` order.
+        owner: parameter name -> (record, ``"weight"`` | ``"bias"``) for every subset tensor that
+            belongs to a layer; the other tensors take the generic (``torch.func``) path.
+    """
+
+    layers: list[LayerRecord]
+    owner: dict[str, tuple[LayerRecord, str]]
+
+
+def layer_map(model: nn.Module, subset: ParameterSubset) -> LayerMap:
+    """Registered layers that own a parameter of the subset (whole tensors only).
+
+    A subnetwork given by flat indices has no layers (every entry takes the generic path).
+    """
+    if subset.index is not None:
+        return LayerMap([], {})
+    chosen = set(subset.names)
+    records, owner = [], {}
+    for name, module in model.named_modules():
+        kind = layer_type(module)
+        if kind is None:
+            continue
+        prefix = f"{name}." if name else ""
+        weight = prefix + kind.weight
+        bias = prefix + kind.bias if kind.bias is not None else None
+        rec = LayerRecord(
+            name,
+            module,
+            weight if weight in chosen else None,
+            bias if bias in chosen else None,
+            kind,
+        )
+        if rec.weight:
+            owner[rec.weight] = (rec, "weight")
+        if rec.bias:
+            owner[rec.bias] = (rec, "bias")
+        if rec.weight or rec.bias:
+            records.append(rec)
+    return LayerMap(records, owner)
 
 
 def find_layers(model: nn.Module, subset: ParameterSubset) -> list[LayerRecord]:
-    """Supported layers that own a parameter of the subset (whole tensors only)."""
-    if subset.index is not None:
-        return []
-    chosen = set(subset.names)
-    records = []
-    for name, module in model.named_modules():
-        if not supported(module):
-            continue
-        prefix = f"{name}." if name else ""
-        weight, bias = prefix + "weight", prefix + "bias"
-        rec = LayerRecord(
-            name, module, weight if weight in chosen else None, bias if bias in chosen else None
-        )
-        if rec.weight or rec.bias:
-            records.append(rec)
-    return records
+    """The records of :func:`layer_map`."""
+    return layer_map(model, subset).layers
+
+
+def supported(module: nn.Module) -> bool:
+    """Whether the layer's weight has a Kronecker-factored curvature here (is registered)."""
+    return layer_type(module) is not None
 
 
 class LayerRecorder:
-    """Records inputs and outputs of the given layers; the hooks are removed on exit."""
+    """Records inputs and outputs of the given layers; the hooks are removed on exit.
+
+    Each recorded output is returned to the rest of the network as a copy, so that in-place
+    operations downstream (``ReLU(inplace=True)``) cannot overwrite the tensor whose gradient
+    we take. Class flags select the variant:
+
+    - ``detach_inputs``: record ``a`` from detached forward arguments (plain fits);
+    - ``leaf_outputs``: where an output does not require grad (nothing upstream does), record a
+      leaf copy that does, so that gradients w.r.t. it still exist.
+    """
+
+    detach_inputs: bool = True
+    leaf_outputs: bool = False
 
     def __init__(self, layers: list[LayerRecord]):
         self.layers = layers
@@ -75,13 +149,16 @@ class LayerRecorder:
             h.remove()
         self.handles.clear()
 
-    @staticmethod
-    def _hook(rec: LayerRecord):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            rec.inputs.append(layer_inputs(module, inputs[0].detach()))
+    def _hook(self, rec: LayerRecord):
+        inputs_of, detach, leaf = rec.kind.inputs, self.detach_inputs, self.leaf_outputs
+
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            if detach:
+                args = tuple(t.detach() if isinstance(t, Tensor) else t for t in args)
+            rec.inputs.append(inputs_of(module, args))
+            if leaf and not output.requires_grad:
+                output = output.detach().requires_grad_(True)
             rec.outputs.append(output)
-            # the rest of the network gets a copy, so in-place ops (ReLU(inplace=True)) cannot
-            # overwrite the tensor whose gradient we take
             return output.clone()
 
         return hook
@@ -99,51 +176,57 @@ class GraphLayerRecorder(LayerRecorder):
     then carry gradients to whatever produced them (e.g. a learned input transformation).
     """
 
-    @staticmethod
-    def _hook(rec: LayerRecord):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            rec.inputs.append(layer_inputs(module, inputs[0]))
-            rec.outputs.append(output)
-            return output.clone()
-
-        return hook
+    detach_inputs = False
 
 
 def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """Layer input as (N, R, D_in): leading dims flattened to positions, or conv patches."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(-1)
-        kernel, stride, dilation = (
-            (*module.kernel_size, 1),
-            (*module.stride, 1),
-            (*module.dilation, 1),
-        )
-        padding = module.padding if isinstance(module.padding, str) else (*module.padding, 0)
-    else:
-        kernel, stride, dilation, padding = (
-            module.kernel_size,
-            module.stride,
-            module.dilation,
-            module.padding,
-        )
-    if isinstance(padding, str):  # "valid" or "same" (stride 1), padded as torch does
-        pads = []
-        for k, d in zip(reversed(kernel), reversed(dilation)):
-            total = 0 if padding == "valid" else d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        x, padding = F.pad(x, pads), 0
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    return patches.transpose(1, 2)  # (N, R, C_in·prod(kernel))
+    """Input ``a`` (N, R, D_in) of a registered single-input layer called on x."""
+    return _kind(module).inputs(module, (x,))
 
 
 def output_grads(module: nn.Module, g: Tensor) -> Tensor:
     """Gradients w.r.t. a layer output, with a leading column dim K, as (K, N, R, D_out)."""
-    K, N = g.shape[:2]
-    if isinstance(module, nn.Linear):
-        return g.reshape(K, N, -1, g.shape[-1])
-    return g.reshape(K, N, g.shape[2], -1).transpose(2, 3)  # conv: (K, N, C_out, *spatial)
+    return _kind(module).output_grads(module, g)
+
+
+def _kind(module: nn.Module) -> LayerType:
+    kind = layer_type(module)
+    if kind is None:
+        raise ValueError(f"{type(module).__name__} is not a registered layer type")
+    return kind
+
+
+class LayerBatches:
+    """(record, a (N, R, D_in), b (K, N, R, D_out)) per layer of one batch, formed lazily.
+
+    Holds the column gradients w.r.t. the recorded outputs (one list, in layer and call order)
+    and forms each layer's (a, b) only when iterated, one layer at a time. Keeping the object
+    until the next batch's gradients exist (as the engine does) lets the allocator reuse the
+    buffers instead of returning them to the system and faulting them in again.
+    """
+
+    def __init__(self, layers: list[LayerRecord], grads: list[Tensor]):
+        self.layers, self.grads = layers, grads
+
+    def __iter__(self) -> Iterator[tuple[LayerRecord, Tensor, Tensor]]:
+        grads = iter(self.grads)
+        for rec in self.layers:
+            yield (rec, *rec.data(grads))
+
+
+def layer_batches(
+    f: Tensor, layers: list[LayerRecord], U: Tensor | None, create_graph: bool = False
+) -> LayerBatches:
+    """Backpropagate the output columns U (K, N, *S, C) of f to every recorded layer output.
+
+    All columns go through one backward pass (:func:`backprop_columns`); the per-layer tensors
+    come lazily from iterating the result, so the caller may drop ``f`` (and its graph) first.
+    Without layers (or columns) nothing is backpropagated.
+    """
+    if not layers or U is None:
+        return LayerBatches([], [])
+    outs = [o for rec in layers for o in rec.outputs]
+    return LayerBatches(layers, backprop_columns(f, outs, U, create_graph))
 
 
 def backprop_columns(

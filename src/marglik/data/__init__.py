@@ -2,6 +2,11 @@
 
 Regression targets are returned with shape ``(N, 1)``, classification targets as int64 ``(N,)``.
 scikit-learn is needed only for the bundled sets and is imported on first use.
+
+- :mod:`~marglik.data.standardize` — the one standardiser, :class:`Standardizer` (its function
+  form :func:`marglik.data.standardize.standardize` also takes numpy arrays).
+- :mod:`~marglik.data.tabular` — the one CSV reader, :func:`read_table`.
+- :mod:`~marglik.data.embedded`, :mod:`~marglik.data.uci` — bundled sets and UCI splits.
 """
 
 from marglik.data.embedded import (
@@ -11,7 +16,8 @@ from marglik.data.embedded import (
     load_regression_set,
     standardized_split,
 )
-from marglik.data.tabular import DataError, Standardizer, Table, read_table
+from marglik.data.standardize import Standardizer
+from marglik.data.tabular import DataError, Table, read_table
 from marglik.data.uci import default_uci_root, load_uci, n_uci_splits, uci_datasets
 
 __all__ = [

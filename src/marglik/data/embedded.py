@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from marglik.data.tabular import Standardizer
+from marglik.data.standardize import Standardizer
 
 __all__ = ["RegressionSplit", "load_digits_split", "load_regression_set", "REGRESSION_SETS"]
 

@@ -1,9 +1,9 @@
-"""Read numeric tables from CSV files and standardise features.
+"""Read numeric tables from CSV files: the library's one CSV reader.
 
 :func:`read_table` reads a CSV file with a header row into tensors and reports malformed input
-with a one-line :class:`DataError`. :class:`Standardizer` holds per-column means and standard
-deviations as plain tensors so it can be saved with :func:`torch.save` and loaded with
-``torch.load(..., weights_only=True)``.
+with a one-line :class:`DataError` (a :class:`~marglik.errors.MarglikError`, which the command
+line turns into exit status 2). :class:`~marglik.data.standardize.Standardizer`, the standardiser,
+lives in :mod:`marglik.data.standardize` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DataError", "Standardizer", "Table", "read_table", "MIN_ROWS", "MAX_CLASSES"]
+from marglik.data.standardize import Standardizer
+from marglik.errors import MarglikError
+
+__all__ = [
+    "DataError",
+    "MAX_CLASSES",
+    "MIN_ROWS",
+    "Standardizer",
+    "Table",
+    "read_csv_rows",
+    "read_table",
+]
 
 #: Tables with fewer data rows than this are rejected.
 MIN_ROWS = 10
@@ -29,7 +40,7 @@ _TASKS = ("classification", "regression")
 _MAX_LISTED = 3
 
 
-class DataError(ValueError):
+class DataError(MarglikError):
     """A data file is missing or malformed; the message is one line and names the problem."""
 
 
@@ -77,6 +88,49 @@ def _parse_float(token: str) -> float | None:
         return None
 
 
+def read_csv_rows(
+    path: str | Path, delimiter: str = ","
+) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header and data rows of a CSV file, as strings (the reading step of :func:`read_table`).
+
+    Blank lines are skipped; cells are returned as written (not stripped, not parsed). Callers
+    check the row lengths and parse the cells they use.
+
+    Returns:
+        ``(names, rows, lines)``: the stripped column names of the header row, the data rows and
+        the file line number of each (the header is line 1).
+
+    Raises:
+        DataError: (a one-line message) if the file is missing or unreadable, is empty or has no
+            header row, or the header repeats a column name.
+    """
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise DataError(f"data file {str(p)!r} {what}")
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, None)
+            rows: list[list[str]] = []
+            lines: list[int] = []
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip() and len(header or []) > 1):
+                    continue  # blank line
+                rows.append(row)
+                lines.append(reader.line_num)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"could not read {str(p)!r}: {e}") from e
+
+    if header is None or not any(h.strip() for h in header):
+        raise DataError(f"{str(p)!r} is empty or has no header row")
+    names = [h.strip() for h in header]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{str(p)!r}: duplicate column name(s) {dupes}")
+    return names, rows, lines
+
+
 def read_table(
     path: str | Path, target: str, task: str | None = None, delimiter: str = ","
 ) -> Table:
@@ -113,29 +167,7 @@ def read_table(
     if task is not None and task not in _TASKS:
         raise ValueError(f"task must be None, 'classification' or 'regression', got {task!r}")
     p = Path(path)
-    if not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise DataError(f"data file {str(p)!r} {what}")
-    try:
-        with p.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            header = next(reader, None)
-            rows: list[list[str]] = []
-            lines: list[int] = []
-            for row in reader:
-                if not row or (len(row) == 1 and not row[0].strip() and len(header or []) > 1):
-                    continue  # blank line
-                rows.append(row)
-                lines.append(reader.line_num)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"could not read {str(p)!r}: {e}") from e
-
-    if header is None or not any(h.strip() for h in header):
-        raise DataError(f"{str(p)!r} is empty or has no header row")
-    names = [h.strip() for h in header]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise DataError(f"{str(p)!r}: duplicate column name(s) {dupes}")
+    names, rows, lines = read_csv_rows(p, delimiter)
     if target not in names:
         raise DataError(f"{str(p)!r} has no column {target!r}; available columns: {names}")
     for row, line in zip(rows, lines, strict=True):
@@ -214,99 +246,3 @@ def read_table(
         task=task,
         classes=classes,
     )
-
-
-class Standardizer:
-    """Per-column standardisation ``(x - mean) / std`` with statistics from training data.
-
-    Statistics are over dimension 0 (rows) with the population standard deviation
-    (``correction=0``); columns with zero standard deviation get ``std = 1`` so that they are
-    only centred.
-
-    Example:
-        >>> s = Standardizer().fit(X_train)
-        >>> Xs = s.transform(X_test)
-        >>> torch.save(s.state_dict(), "scaler.pt")
-        >>> s2 = Standardizer.from_state_dict(torch.load("scaler.pt", weights_only=True))
-    """
-
-    def __init__(self, mean: Tensor | None = None, std: Tensor | None = None) -> None:
-        if (mean is None) != (std is None):
-            raise ValueError("pass both mean and std, or neither")
-        self.mean = mean
-        self.std = std
-
-    @property
-    def fitted(self) -> bool:
-        """Whether statistics are set."""
-        return self.mean is not None
-
-    def fit(self, X: Tensor) -> Standardizer:
-        """Compute per-column mean and std from ``X`` (shape ``(N, D)`` or ``(N,)``).
-
-        Returns:
-            ``self``.
-        """
-        X = torch.as_tensor(X)
-        if X.ndim not in (1, 2) or X.shape[0] == 0:
-            raise ValueError(f"X must have shape (N,) or (N, D) with N > 0, got {tuple(X.shape)}")
-        if not X.is_floating_point():
-            X = X.to(torch.get_default_dtype())
-        if bool(torch.isnan(X).any()):
-            raise ValueError("X contains NaN values")
-        mean = X.mean(dim=0)
-        std = X.std(dim=0, correction=0)
-        std = torch.where(std > 0, std, torch.ones_like(std))
-        self.mean, self.std = mean.detach().clone(), std.detach().clone()
-        return self
-
-    def _check(self, X: Tensor) -> Tensor:
-        if self.mean is None or self.std is None:
-            raise RuntimeError("Standardizer is not fitted; call fit() first")
-        X = torch.as_tensor(X)
-        if X.shape[1:] != self.mean.shape:
-            raise ValueError(
-                f"X has shape {tuple(X.shape)}; expected (N, *{tuple(self.mean.shape)})"
-            )
-        return X
-
-    def transform(self, X: Tensor) -> Tensor:
-        """Return ``(X - mean) / std``."""
-        X = self._check(X)
-        return (X - self.mean.to(X)) / self.std.to(X)
-
-    def fit_transform(self, X: Tensor) -> Tensor:
-        """Fit on ``X`` and return it transformed."""
-        return self.fit(X).transform(X)
-
-    def inverse_transform(self, X: Tensor) -> Tensor:
-        """Return ``X * std + mean`` (undo :meth:`transform`)."""
-        X = self._check(X)
-        return X * self.std.to(X) + self.mean.to(X)
-
-    def inverse_transform_std(self, std: Tensor) -> Tensor:
-        """Scale standard deviations in standardised units back to original units."""
-        std = self._check(std)
-        return std * self.std.to(std)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """Statistics as plain tensors, ``{"mean": ..., "std": ...}``."""
-        if self.mean is None or self.std is None:
-            raise RuntimeError("Standardizer is not fitted; call fit() first")
-        return {"mean": self.mean.clone(), "std": self.std.clone()}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> Standardizer:
-        """Rebuild a fitted Standardizer from :meth:`state_dict` output."""
-        missing = {"mean", "std"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing key(s) {sorted(missing)}")
-        mean, std = torch.as_tensor(state["mean"]), torch.as_tensor(state["std"])
-        if mean.shape != std.shape:
-            raise ValueError(f"mean shape {tuple(mean.shape)} != std shape {tuple(std.shape)}")
-        return cls(mean.clone(), std.clone())
-
-    def __repr__(self) -> str:
-        if self.mean is None:
-            return "Standardizer(unfitted)"
-        return f"Standardizer(n_features={tuple(self.mean.shape)})"

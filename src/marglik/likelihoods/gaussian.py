@@ -17,7 +17,7 @@ class Gaussian(Likelihood):
         sigma: observation noise σ > 0, a scalar or a tensor of shape (C,).
 
     The normaliser counts every output element: outputs of shape (N, *S, C) contribute
-    N·prod(S)·C·log(σ√(2π)) (design.md §1). Λ = diag(1/σ²), so V = diag(1/σ).
+    N·prod(S)·C·log(σ√(2π)) (docs/architecture.md §4). Λ = diag(1/σ²), so V = diag(1/σ).
     """
 
     task = "regression"

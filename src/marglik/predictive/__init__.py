@@ -1,4 +1,4 @@
-"""Predictives of a fitted :class:`~marglik.Laplace`: GLM (linearised) and weight sampling.
+"""Predictives of a fitted posterior: GLM (linearised) and sampling, written against the interface.
 
 Immer, Korzepa & Bauer, AISTATS 2021: the GLM predictive linearises the network at θ*,
 f(x) ~ N(f(x; θ*), J(x) Σ J(x)ᵀ), and then applies a link approximation (classification) or adds
@@ -11,34 +11,22 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from marglik.curvature.engine import eval_mode
 from marglik.likelihoods import Gaussian
-from marglik.predictive.glm import (
-    BACKENDS,
-    MAX_ELEMENTS,
-    chunk_length,
-    glm_chunks,
-    glm_moments,
-    jacobians,
-    moments,
-    resolve_backend,
-)
 from marglik.predictive.links import LINKS, bridge, bridge_log_alpha, monte_carlo, probit
 
 if TYPE_CHECKING:
-    from marglik.posterior import Laplace
+    from marglik.posterior.base import Posterior
 
 __all__ = [
     "BACKENDS",
     "LINKS",
-    "MAX_ELEMENTS",
     "PRED_TYPES",
+    "apply_link",
     "bridge",
     "bridge_log_alpha",
     "glm_moments",
-    "jacobians",
     "monte_carlo",
     "nn_predictive",
     "predict",
@@ -46,11 +34,12 @@ __all__ = [
 ]
 
 PRED_TYPES = ("glm", "nn")
+BACKENDS = ("auto", "layerwise", "generic")
 CLASSIFICATION_TASKS = ("classification", "binary")
 
 
 def predict(
-    la: Laplace,
+    la: Posterior,
     x: Tensor,
     pred_type: str = "glm",
     link_approx: str = "probit",
@@ -65,7 +54,7 @@ def predict(
     """Posterior predictive at inputs x (B, ...).
 
     Args:
-        la: a fitted Laplace posterior.
+        la: a fitted posterior (any :class:`~marglik.posterior.base.Posterior`).
         x: inputs (B, ...), the model's input shape with a leading batch dimension.
         pred_type: ``"glm"`` (linearised, default) or ``"nn"`` (sample θ and run the network).
         link_approx: for classification with ``"glm"``: ``"probit"``, ``"bridge"``,
@@ -79,10 +68,10 @@ def predict(
             predictive variance of y instead of that of f.
         enable_backprop: keep the graph so that gradients flow to x through mean and variance;
             otherwise the outputs are detached (computed without a graph).
-        chunk_size: inputs per chunk (default: as many as keep about
-            :data:`~marglik.predictive.glm.MAX_ELEMENTS` numbers in memory at once).
-        backend: ``"auto"`` (layer-wise for ``"kron"`` / ``"diag"`` posteriors, else generic),
-            ``"layerwise"`` or ``"generic"`` (per-sample Jacobians with ``torch.func``).
+        chunk_size: inputs per chunk (default: bounded memory, chosen by the posterior).
+        backend: for a weight-space :class:`~marglik.posterior.Laplace`: ``"auto"`` (layer-wise
+            where it applies, else generic), ``"layerwise"`` or ``"generic"`` (per-sample
+            Jacobians with ``torch.func``); see :mod:`marglik.posterior.glm`.
 
     Returns:
         classification / binary: probabilities with the model's output shape (B, ..., C);
@@ -105,7 +94,7 @@ def predict(
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    la._require_fit()
+    la.require_fit()
     task = la.likelihood.task
     gaussian = isinstance(la.likelihood, Gaussian)
     if pred_var and not gaussian:
@@ -125,8 +114,8 @@ def predict(
                 mean, var = out
                 out = mean, var + _noise(la, out_shape, var)
         elif joint:
-            plan = resolve_backend(la, backend)
-            f, cov = moments(la, x, plan, joint=True, create_graph=enable_backprop)
+            f, cov = la.functional_moments(x, joint=True, create_graph=enable_backprop,
+                                           backend=backend)
             if pred_var:
                 cov = cov + torch.diag(_noise_diag(la, out_shape, cov).repeat(x.shape[0]))
             out = f.reshape(-1), cov
@@ -138,14 +127,12 @@ def predict(
     return tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
 
 
-def _glm_marginals(la: Laplace, x: Tensor, task: str, link_approx: str, n_samples: int,
+def _glm_marginals(la: Posterior, x: Tensor, task: str, link_approx: str, n_samples: int,
                    generator: torch.Generator | None, pred_var: bool, create_graph: bool,
                    chunk_size: int | None, backend: str, out_shape: torch.Size
                    ) -> Tensor | tuple[Tensor, Tensor]:
-    plan = resolve_backend(la, backend)
-    chunk = chunk_length(la, x, plan, chunk_size)
     results = []
-    for f, cov in glm_chunks(la, x, plan, chunk, create_graph):
+    for f, cov in la.functional_moment_chunks(x, chunk_size, create_graph, backend):
         if task in CLASSIFICATION_TASKS:
             results.append(apply_link(f, cov, link_approx, task == "binary", n_samples, generator))
         else:
@@ -156,6 +143,20 @@ def _glm_marginals(la: Laplace, x: Tensor, task: str, link_approx: str, n_sample
         return torch.cat(results)
     means, covs = zip(*results)
     return torch.cat(means), torch.cat(covs)
+
+
+def glm_moments(la: Posterior, x: Tensor, joint: bool = False, chunk_size: int | None = None,
+                backend: str = "auto", create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of the linearised outputs of a fitted posterior at x (B, ...).
+
+    Returns:
+        ``joint=False``: f (B, ...) and per-input covariances (B, D, D) of the D flattened
+        outputs; ``joint=True``: f (B, ...) and the covariance (B·D, B·D), ordered input-major.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
+    la.require_fit()
+    return la.functional_moments(x, joint, chunk_size, create_graph, backend)
 
 
 def apply_link(f: Tensor, cov: Tensor, link_approx: str, binary: bool, n_samples: int = 100,
@@ -178,7 +179,7 @@ def apply_link(f: Tensor, cov: Tensor, link_approx: str, binary: bool, n_samples
     return probs.reshape(f.shape)
 
 
-def _check_inputs(la: Laplace, x: Tensor, enable_backprop: bool) -> Tensor:
+def _check_inputs(la: Posterior, x: Tensor, enable_backprop: bool) -> Tensor:
     if not isinstance(x, Tensor):
         raise ValueError(f"x must be a tensor of inputs (B, ...), got {type(x).__name__}")
     if x.ndim == 0 or x.shape[0] == 0:
@@ -192,7 +193,7 @@ def _check_inputs(la: Laplace, x: Tensor, enable_backprop: bool) -> Tensor:
     return x if enable_backprop else x.detach()
 
 
-def _output_shape(la: Laplace, x: Tensor) -> torch.Size:
+def _output_shape(la: Posterior, x: Tensor) -> torch.Size:
     """Shape of one output, checking that the model takes x and keeps the batch dimension."""
     with torch.no_grad():
         try:
@@ -209,7 +210,7 @@ def _output_shape(la: Laplace, x: Tensor) -> torch.Size:
     return f.shape[1:]
 
 
-def _noise_diag(la: Laplace, out_shape: torch.Size, like: Tensor) -> Tensor:
+def _noise_diag(la: Posterior, out_shape: torch.Size, like: Tensor) -> Tensor:
     """σ² for each of the D flattened outputs of one input: (D,)."""
     sigma = la.sigma_noise.detach().to(like)
     C = out_shape[-1] if len(out_shape) else 1
@@ -217,18 +218,18 @@ def _noise_diag(la: Laplace, out_shape: torch.Size, like: Tensor) -> Tensor:
     return (sigma.square() * torch.ones(C, dtype=like.dtype, device=like.device)).repeat(D // C)
 
 
-def _noise(la: Laplace, out_shape: torch.Size, like: Tensor) -> Tensor:
+def _noise(la: Posterior, out_shape: torch.Size, like: Tensor) -> Tensor:
     return torch.diag(_noise_diag(la, out_shape, like))
 
 
 def nn_predictive(
-    la: Laplace,
+    la: Posterior,
     x: Tensor,
     n_samples: int = 100,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Run the network at θ ~ q(θ) (underfits compared to the GLM predictive; for comparison).
+    """The sampling predictive from ``la.function_samples`` (underfits compared to the GLM one).
 
     Returns:
         classification / binary: mean probabilities (B, ..., C); otherwise the sample mean
@@ -237,44 +238,11 @@ def nn_predictive(
     task = la.likelihood.task
     if task not in CLASSIFICATION_TASKS and n_samples < 2:
         raise ValueError("the nn predictive needs n_samples >= 2 for a covariance")
-    thetas = la.sample(n_samples, generator)
-    params = {n: p.detach() for n, p in la.model.named_parameters()}
-    names = la.subset.names
-    base = torch.cat([params[n].reshape(-1) for n in names])
-    sizes = [params[n].numel() for n in names]
-    samples = []
-    for theta in thetas:
-        flat = base.clone()
-        if la.subset.index is not None:
-            flat[la.subset.index] = theta.to(flat)
-        else:
-            flat = theta.to(flat)
-        sampled = dict(params)
-        for n, chunk in zip(names, flat.split(sizes)):
-            sampled[n] = chunk.reshape(params[n].shape)
-        samples.append(sampled)
-    chunk = chunk_size or max(1, MAX_ELEMENTS // max(1, 4 * n_samples * _numel_out(la, x)))
-    results = []
-    for start in range(0, x.shape[0], chunk):
-        xc = x[start : start + chunk]
-        if task in CLASSIFICATION_TASKS:
-            acc = 0
-            for sampled in samples:
-                f = functional_call(la.model, sampled, (xc,))
-                acc = acc + (torch.softmax(f, -1) if task == "classification" else torch.sigmoid(f))
-            results.append(acc / n_samples)
-        else:
-            f = torch.stack([functional_call(la.model, s, (xc,)) for s in samples])
-            mean = f.mean(0)
-            centred = (f - mean).reshape(n_samples, xc.shape[0], -1)
-            cov = torch.einsum("sbi,sbj->bij", centred, centred) / (n_samples - 1)
-            results.append((mean, cov))
-    if task in CLASSIFICATION_TASKS:
-        return torch.cat(results)
-    means, covs = zip(*results)
-    return torch.cat(means), torch.cat(covs)
-
-
-def _numel_out(la: Laplace, x: Tensor) -> int:
-    with torch.no_grad():
-        return la.model(x[:1]).numel()
+    f = la.function_samples(x, n_samples, generator, chunk_size)  # (S, B, ...)
+    if task == "classification":
+        return torch.softmax(f, -1).mean(0)
+    if task == "binary":
+        return torch.sigmoid(f).mean(0)
+    mean = f.mean(0)
+    centred = (f - mean).reshape(n_samples, x.shape[0], -1)
+    return mean, torch.einsum("sbi,sbj->bij", centred, centred) / (n_samples - 1)

@@ -1,7 +1,8 @@
 """LOCI: cause–effect direction in location-scale noise models (Immer et al., ICML 2023).
 
 Assume Y = f(X) + g(X) N with N ⊥ X (or the reverse). Standardise both variables, fit a Gaussian
-p(effect | cause) in natural parameters in each direction (:mod:`marglik.causal.estimators`), then
+p(effect | cause) in natural parameters in each direction
+(:mod:`marglik.applications.causal.estimators`), then
 
 - LOCI_M (``"loci-m"``): score = mean log p(y | x) − mean log p(x | y). Under an LSNM the causal
   conditional is the better fit.
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from marglik.causal.estimators import fit_jointly, make_estimator, standardise
-from marglik.causal.hsic import hsic
+from marglik.applications.causal.estimators import fit_jointly, make_estimator, standardise
+from marglik.applications.causal.hsic import hsic
+from marglik.errors import MarglikError
 
 METHODS = ("loci-h", "loci-m")
 #: fewest points a pair may have
@@ -59,31 +61,33 @@ def check_pair(
     """Return ``x``, ``y`` as float64 1-D arrays; ``names`` are used in the error messages.
 
     Raises:
-        ValueError: on non-numeric or non-1-D input, mismatched lengths, fewer than
-            :data:`MIN_POINTS` points, NaN/inf values or a constant variable.
+        MarglikError: (a ValueError) on non-numeric or non-1-D input, mismatched lengths, fewer
+            than :data:`MIN_POINTS` points, NaN/inf values or a constant variable.
     """
     arrays = []
     for name, v in zip(names, (x, y), strict=True):
         try:
             v = np.asarray(v, dtype=np.float64)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{name} must be numeric: {err}") from None
+            raise MarglikError(f"{name} must be numeric: {err}") from None
         if v.ndim == 2 and 1 in v.shape:
             v = v.reshape(-1)
         if v.ndim != 1:
-            raise ValueError(f"{name} must be one-dimensional, got shape {v.shape}")
+            raise MarglikError(f"{name} must be one-dimensional, got shape {v.shape}")
         arrays.append(v)
     x, y = arrays
     if len(x) != len(y):
-        raise ValueError(f"{names[0]} and {names[1]} have different lengths ({len(x)}, {len(y)})")
+        raise MarglikError(
+            f"{names[0]} and {names[1]} have different lengths ({len(x)}, {len(y)})"
+        )
     if len(x) < MIN_POINTS:
-        raise ValueError(f"need at least {MIN_POINTS} points, got {len(x)}")
+        raise MarglikError(f"need at least {MIN_POINTS} points, got {len(x)}")
     for name, v in zip(names, (x, y), strict=True):
         bad = int((~np.isfinite(v)).sum())
         if bad:
-            raise ValueError(f"{name} contains {bad} NaN/inf values")
+            raise MarglikError(f"{name} contains {bad} NaN/inf values")
         if np.ptp(v) == 0:
-            raise ValueError(
+            raise MarglikError(
                 f"{name} is constant; a cause-effect direction needs two varying variables"
             )
     return x, y

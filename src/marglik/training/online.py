@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import trange
 
-from marglik.evidence import prior_shape
+from marglik.evidence.optimize import HyperparameterStep
 from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
 from marglik.posterior import Laplace
-from marglik.training import _n_data, map_loss
+from marglik.training.map import _n_data, map_loss
 
 
 def marglik_training(
@@ -66,7 +66,9 @@ def marglik_training(
         likelihood: ``"classification" | "regression" | "binary"`` or a Likelihood object
             (e.g. :class:`~marglik.likelihoods.NaturalGaussian` for heteroscedastic regression).
         hessian_structure: ``"kron" | "full" | "diag"`` (``"lowrank"`` works but is slow).
-        prior_structure: ``"scalar" | "layerwise" | "diagonal"``.
+        prior_structure: ``"scalar" | "layerwise" | "diagonal"``; ``"layerwise"`` is one δ per
+            prior group: per parameter tensor, or per group of
+            ``laplace_kwargs["prior_groups"]`` (the MAP prior term then uses the same groups).
         n_epochs, lr: epochs and Adam learning rate of θ.
         lr_hyp, n_hypersteps: Adam on the hyperparameters, steps per evidence update.
         n_epochs_burnin, marglik_frequency: B and F of Algorithm 1.
@@ -169,18 +171,16 @@ def marglik_training(
 
     la = new_laplace(torch.tensor(prior_prec_init), None)
     dtype = next(model.parameters()).dtype
-    log_prior = torch.full(prior_shape(la, prior_structure), math.log(prior_prec_init), dtype=dtype)
-    log_prior.requires_grad_(True)
-    hypers = [log_prior]
-    log_sigma = None
-    if tune_sigma:
-        log_sigma = torch.tensor(math.log(sigma_noise_init), dtype=dtype, requires_grad=True)
-        hypers.append(log_sigma)
+    shape = la.prior.shape(prior_structure)
+    hyper = HyperparameterStep(
+        torch.full(shape, math.log(prior_prec_init), dtype=dtype),
+        torch.tensor(math.log(sigma_noise_init), dtype=dtype) if tune_sigma else None,
+        extra,
+        lr=lr_hyp,
+    )
+    log_prior, log_sigma = hyper.log_prior, hyper.log_sigma
     extra_ids = {id(h) for h in extra}
     optimizer = torch.optim.Adam([p for p in model.parameters() if id(p) not in extra_ids], lr=lr)
-    hyper_optimizer = torch.optim.Adam(hypers, lr=lr_hyp)
-    if extra:
-        hyper_optimizer.add_param_group({"params": extra})
     history: dict[str, list] = {
         "loss": [],
         "log_marglik": [],
@@ -203,7 +203,7 @@ def marglik_training(
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        hyper_optimizer.load_state_dict(state["hyper_optimizer"])
+        hyper.optimizer.load_state_dict(state["hyper_optimizer"])
         with torch.no_grad():
             log_prior.copy_(state["log_prior"])
             if log_sigma is not None:
@@ -219,6 +219,8 @@ def marglik_training(
     bar = trange(start, n_epochs, disable=not progress, desc="marglik training")
     for epoch in bar:
         delta = log_prior.detach().exp()
+        # the MAP prior term reads δ per parameter tensor; user prior groups are expanded first
+        delta_map = delta if la.prior.groups is None else la.prior.expand(delta)
         if log_sigma is not None:
             lik.sigma = log_sigma.detach().exp()
         model.train()
@@ -226,7 +228,7 @@ def marglik_training(
         for x, y in train_loader:
             x = x.to(param.device, param.dtype if x.is_floating_point() else None)
             optimizer.zero_grad()
-            loss = map_loss(model, lik, x, y.to(param.device), delta, n_data, extra)
+            loss = map_loss(model, lik, x, y.to(param.device), delta_map, n_data, extra)
             loss.backward()
             optimizer.step()
             total, batches = total + loss.item(), batches + 1
@@ -236,21 +238,17 @@ def marglik_training(
         if epoch >= n_epochs_burnin and (epoch - n_epochs_burnin) % marglik_frequency == 0:
             sigma = log_sigma.detach().exp() if log_sigma is not None else None
             if extra:  # the curvature depends on h: refit it differentiably per step
+                def objective(d: Tensor, s: Tensor | None, delta=delta, sigma=sigma) -> Tensor:
+                    refit = new_laplace(delta, sigma)
+                    return _differentiable_evidence(refit, hyper_loader, n_data, d, s)
+
                 for _ in range(n_hypersteps):
-                    hyper_optimizer.zero_grad()
-                    la = new_laplace(delta, sigma)
-                    neg = -_differentiable_evidence(la, hyper_loader, n_data, log_prior, log_sigma)
-                    _set_gradients(neg, hypers, extra)
-                    hyper_optimizer.step()
+                    hyper.step(objective)
                 la = new_laplace(delta, sigma).fit(train_loader)
             else:
                 la = new_laplace(delta, sigma).fit(train_loader)
                 for _ in range(n_hypersteps):
-                    hyper_optimizer.zero_grad()
-                    s = log_sigma.exp() if log_sigma is not None else None
-                    neg = -la.log_marginal_likelihood(log_prior.exp(), s)
-                    neg.backward()
-                    hyper_optimizer.step()
+                    hyper.step(la.log_marginal_likelihood)
             s = log_sigma.detach().exp() if log_sigma is not None else None
             log_marglik = la.log_marginal_likelihood(log_prior.detach().exp(), s).item()
             if log_marglik > best["log_marglik"]:
@@ -276,7 +274,7 @@ def marglik_training(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "hyper_optimizer": hyper_optimizer.state_dict(),
+                    "hyper_optimizer": hyper.optimizer.state_dict(),
                     "log_prior": log_prior.detach(),
                     "log_sigma": None if log_sigma is None else log_sigma.detach(),
                     "history": history,
@@ -359,10 +357,10 @@ def _differentiable_evidence(
     la: Laplace,
     loader: Iterable,
     n_data: int,
-    log_prior: Tensor,
-    log_sigma: Tensor | None,
+    prior_precision: Tensor,
+    sigma_noise: Tensor | None,
 ) -> Tensor:
-    """log Z at exp(log δ), exp(log σ) from a curvature fitted with a graph to the hyperparameters.
+    """log Z at δ, σ from a curvature fitted with a graph to the registered hyperparameters.
 
     If ``loader`` yields only n < N = ``n_data`` samples, they stand for the data set: the
     data-fit statistics are scaled by N/n and the curvature by tempering T → T·n/N.
@@ -372,42 +370,4 @@ def _differentiable_evidence(
         factor = n_data / la.n_data
         la.statistics = {k: v * factor for k, v in la.statistics.items()}
         la.temperature = la.temperature / factor
-    sigma = log_sigma.exp() if log_sigma is not None else None
-    return la.log_marginal_likelihood(log_prior.exp(), sigma)
-
-
-def _set_gradients(loss: Tensor, hypers: list[Tensor], extra: list[Tensor]) -> None:
-    """Store ∂loss/∂ in ``.grad`` of log δ, log σ (``hypers``) and the registered ``extra``.
-
-    ``torch.autograd.grad`` leaves the weights' ``.grad`` alone (the graph also reaches them).
-    """
-    params = [*hypers, *extra]
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    unused = [i for i, g in enumerate(grads[len(hypers) :]) if g is None]
-    if unused:
-        raise ValueError(
-            f"hyperparameters{unused} do not affect the evidence: they must enter the model's "
-            "forward pass in eval mode (the curvature is fitted in eval mode) or the likelihood"
-        )
-    for p, g in zip(params, grads):
-        p.grad = torch.zeros_like(p) if g is None else g
-
-
-def select_architecture(
-    candidates: dict[str, Callable[[], nn.Module]],
-    train_loader: Iterable,
-    likelihood: str | Likelihood = "classification",
-    **kwargs: Any,
-) -> tuple[str, dict[str, float]]:
-    """Train every candidate with :func:`marglik_training`; pick the best converged evidence.
-
-    Returns:
-        (name of the best candidate, {name: converged log marginal likelihood}).
-    """
-    if not candidates:
-        raise ValueError("no candidate architectures given")
-    scores = {}
-    for name, make in candidates.items():
-        la, _, _ = marglik_training(make(), train_loader, copy.deepcopy(likelihood), **kwargs)
-        scores[name] = la.log_marginal_likelihood().item()
-    return max(scores, key=scores.get), scores
+    return la.log_marginal_likelihood(prior_precision, sigma_noise)

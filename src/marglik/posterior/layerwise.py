@@ -1,13 +1,14 @@
 """Functional variance J Σ Jᵀ from layer inputs and output gradients, without the B×C×P Jacobian.
 
-For a Linear/Conv layer applied at R shared positions (tokens, conv patches) with inputs a_r
+For a registered layer (:mod:`marglik.curvature.registry`: Linear, Conv1d/2d, or any type
+registered there) applied at R shared positions (tokens, conv patches) with inputs a_r
 (D_in, unfolded for convolutions) and gradients g_{c,r} = ∂f_c/∂(layer output at r) (D_out), the
 Jacobian of output c w.r.t. the weight W (D_out × D_in, row-major) and the bias is
 
     J_c^W = Σ_r g_{c,r} a_rᵀ,    J_c^b = Σ_r g_{c,r}.
 
 With a Kronecker posterior block P = s · G ⊗ A + δ, G = Q_G diag(μ) Q_Gᵀ, A = Q_A diag(λ) Q_Aᵀ,
-and g̃ = Q_Gᵀ g, ã = Q_Aᵀ a (design.md §2.5; the prior is added exactly in the eigenbasis),
+and g̃ = Q_Gᵀ g, ã = Q_Aᵀ a (docs/architecture.md §5; the prior is added exactly in the eigenbasis),
 
     Cov[f_c, f_c'] = Σ_ij J̃_{c,ij} J̃_{c',ij} / (s μ_i λ_j + δ),    J̃_c = Σ_r g̃_{c,r} ã_rᵀ,
 
@@ -20,13 +21,15 @@ which costs O(C²·D_out + D_out·D_in) per input instead of O(C·D_out·D_in). 
 blocks, G alone, or a full posterior) multiply the Jacobian into the eigenvectors Q (scalar δ)
 or into Σ (per-parameter δ) tensor by tensor, J^W Q = g (aᵀ Q) without sharing, which saves the
 factor D·D_in/(D_in + D) of forming J first (about D, the number of outputs, for a last layer);
-parameters that belong to no supported layer (norm layers, embeddings) get per-sample Jacobians
+parameters that belong to no registered layer (norm layers, embeddings) get per-sample Jacobians
 with ``torch.func`` for those parameters only. The posterior blocks are those of
 :mod:`marglik.structures`; this module only reads their public factors (``Kronecker.eig()``,
 ``Dense.eig()``, ``Diagonal.h``) and calls ``inv_quad`` (joint covariances).
 
 Inputs and gradients are collected with forward hooks (:mod:`marglik.curvature.layers`): one
-forward pass per chunk of inputs and one backward pass per output column.
+forward pass per chunk of inputs and one backward pass per output column. The layers and the
+parameter → layer map are those of the curvature engine
+(:func:`~marglik.curvature.layers.layer_map`).
 """
 
 from __future__ import annotations
@@ -35,22 +38,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from marglik.curvature.layers import (
-    LayerRecord,
-    LayerRecorder,
-    backprop_columns,
-    find_layers,
-    layer_inputs,
-    output_grads,
-)
+from marglik.curvature.layers import LayerRecord, LayerRecorder, backprop_columns, layer_map
 from marglik.curvature.subsets import ParameterSubset
-from marglik.predictive.jacobians import per_sample_jacobians
+from marglik.posterior.jacobians import per_sample_jacobians
 from marglik.structures import BlockDiagonal, CurvatureBlock, Dense, Diagonal, Kronecker
 
 if TYPE_CHECKING:
-    from marglik.posterior import Laplace
+    from marglik.posterior.laplace import Laplace
 
 
 @dataclass
@@ -81,7 +77,7 @@ class LayerwisePlan:
 
     layers: list[LayerRecord]
     blocks: list[BlockSlot]
-    others: ParameterSubset | None  # tensors without a supported layer, in posterior order
+    others: ParameterSubset | None  # tensors without a registered layer, in posterior order
     other_offsets: dict[str, tuple[int, int]]  # name -> slice in the others' Jacobian
 
 
@@ -89,7 +85,7 @@ def layerwise_plan(la: Laplace) -> LayerwisePlan | None:
     """The plan for ``la``'s posterior, or None where only the generic path applies.
 
     Applies to whole parameter tensors (not a subnetwork given by indices) with Kronecker blocks
-    (each the weight of one supported layer), Diagonal blocks (any tensors) and Dense blocks of a
+    (each the weight of one registered layer), Diagonal blocks (any tensors) and Dense blocks of a
     Dense blocks (KFAC bias blocks, or a ``"full"`` posterior over any tensors): the ``"kron"``,
     ``"diag"`` and ``"full"`` structures over all weights, the last layer or named modules.
     ``"lowrank"`` posteriors and index subnetworks use the generic per-sample Jacobians.
@@ -97,13 +93,8 @@ def layerwise_plan(la: Laplace) -> LayerwisePlan | None:
     subset, H = la.subset, la.H
     if subset is None or subset.index is not None or not isinstance(H, BlockDiagonal):
         return None
-    layers = find_layers(la.model, subset)
-    owner: dict[str, tuple[LayerRecord, str]] = {}
-    for rec in layers:
-        if rec.weight:
-            owner[rec.weight] = (rec, "weight")
-        if rec.bias:
-            owner[rec.bias] = (rec, "bias")
+    lmap = layer_map(la.model, subset)
+    layers, owner = lmap.layers, lmap.owner
     slots, offset = [], 0
     for name, shape in zip(subset.names, subset.shapes):
         numel = int(torch.Size(shape).numel())
@@ -157,22 +148,18 @@ class _Recorder(LayerRecorder):
     upstream requires grad, the output becomes a leaf so the output gradients still exist.
     """
 
-    @staticmethod
-    def _hook(rec: LayerRecord):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            rec.inputs.append(layer_inputs(module, inputs[0]))
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            rec.outputs.append(output)
-            return output.clone()
+    detach_inputs = False
+    leaf_outputs = True
 
-        return hook
+
+def _fresh_layers(plan: LayerwisePlan) -> list[LayerRecord]:
+    """The plan's layers with nothing recorded: each recording (chunk) has its own lists."""
+    return [rec.empty_copy() for rec in plan.layers]
 
 
 def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Tensor) -> tuple[int, int]:
     """(numbers held per input, outputs D) for chunking, from one forward pass on x1 (1, ...)."""
-    layers = find_layers(la.model, la.subset)
-    layers = [r for r in layers if r.name in {p.name for p in plan.layers}]
+    layers = _fresh_layers(plan)
     with torch.no_grad(), LayerRecorder(layers):
         f = la.model(x1)
     D = f[0].numel()
@@ -226,8 +213,7 @@ class _LayerData:
 def record(la: Laplace, plan: LayerwisePlan, x: Tensor, create_graph: bool
            ) -> tuple[Tensor, dict[str, _LayerData], Tensor | None]:
     """Model outputs f (N, ...), per-layer (a, g), and the others' Jacobians (N, D, P_other)."""
-    layers = find_layers(la.model, la.subset)
-    layers = [r for r in layers if r.name in {p.name for p in plan.layers}]
+    layers = _fresh_layers(plan)
     dtype = la.H.dtype
     with torch.enable_grad():
         with _Recorder(layers):
@@ -242,8 +228,7 @@ def record(la: Laplace, plan: LayerwisePlan, x: Tensor, create_graph: bool
     for rec in layers:
         if not rec.inputs:  # the layer did not run: its Jacobian is zero
             continue
-        a = torch.cat(rec.inputs, 1)
-        g = torch.cat([output_grads(rec.module, next(grads)) for _ in rec.outputs], 2)
+        a, g = rec.data(grads)
         if not create_graph:
             a = a.detach()
         data[rec.name] = _LayerData(a.to(dtype), g.to(dtype))

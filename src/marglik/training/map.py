@@ -9,7 +9,7 @@ prior precision δ this is Adam with coupled weight decay δ/N (``torch.optim.Ad
 a layer-wise δ (one value per parameter tensor, in ``named_parameters()`` order) or a
 per-parameter δ (one per entry) gives each weight its own decay. This is the objective whose
 mode :class:`marglik.Laplace` expands around, so a δ tuned by the evidence can be fed back here:
-:func:`marglik.online.marglik_training` alternates the two during training (Immer et al.,
+:func:`marglik.training.online.marglik_training` alternates the two during training (Immer et al.,
 ICML 2021, Algorithm 1).
 """
 
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import trange
 
 from marglik.likelihoods import Likelihood, get_likelihood
+from marglik.posterior.prior import Prior
 
 __all__ = ["map_loss", "prior_term", "train_map"]
 
@@ -46,24 +47,13 @@ def _weights(model: nn.Module, exclude: Collection[Tensor] = ()) -> list[tuple[s
 def _expand_prior(
     model: nn.Module, prior_precision: float | Tensor, exclude: Collection[Tensor] = ()
 ) -> list[Tensor]:
-    """δ per parameter tensor: a 0-d tensor each (scalar/layer-wise) or the tensor's shape."""
+    """δ per trainable parameter tensor: 0-d (scalar / layer-wise) or the tensor's shape."""
     weights = _weights(model, exclude)
-    names, params = [n for n, _ in weights], [p for _, p in weights]
     delta = torch.as_tensor(prior_precision, dtype=torch.get_default_dtype()).detach()
-    if not torch.isfinite(delta).all() or (delta < 0).any():
-        raise ValueError("prior_precision must be non-negative and finite")
-    if delta.ndim == 0:
-        return [delta] * len(params)
-    total = sum(p.numel() for p in params)
-    if delta.ndim == 1 and delta.numel() == len(params) and delta.numel() != total:
-        return list(delta.unbind())
-    if delta.ndim == 1 and delta.numel() == total:
-        chunks = delta.split([p.numel() for p in params])
-        return [d.reshape(p.shape) for d, p in zip(chunks, params)]
-    raise ValueError(
-        f"prior_precision has {delta.numel()} values: give a scalar, {len(params)} (one per "
-        f"trainable parameter tensor: {names}) or {total} (one per parameter)"
-    )
+    prior = Prior(delta, allow_zero=True).bind([n for n, _ in weights],
+                                               [p.numel() for _, p in weights])
+    return [d if d.ndim == 0 else d.reshape(p.shape)
+            for d, (_, p) in zip(prior.per_tensor(), weights)]
 
 
 def prior_term(

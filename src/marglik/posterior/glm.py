@@ -3,7 +3,7 @@
 Immer, Korzepa & Bauer, "Improving predictions of Bayesian neural nets via local linearization",
 AISTATS 2021. Two ways to the functional covariance J Σ Jᵀ:
 
-- ``"layerwise"`` (:mod:`marglik.predictive.layerwise`): from layer inputs and output gradients,
+- ``"layerwise"`` (:mod:`marglik.posterior.layerwise`): from layer inputs and output gradients,
   contracted against the Kronecker / diagonal factors without forming J — for the ``"kron"`` and
   ``"diag"`` structures over whole tensors (all weights, last layer, named modules);
 - ``"generic"``: per-sample Jacobians J (B, D, P) with ``torch.func``, then the posterior's
@@ -22,19 +22,19 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from marglik.predictive.jacobians import per_sample_jacobians
-from marglik.predictive.layerwise import (
+from marglik.posterior.jacobians import per_sample_jacobians
+from marglik.posterior.layerwise import (
     LayerwisePlan,
     functional_covariance,
     layerwise_plan,
     per_sample_footprint,
     record,
 )
+from marglik.predictive import BACKENDS
 
 if TYPE_CHECKING:
-    from marglik.posterior import Laplace
+    from marglik.posterior.laplace import Laplace
 
-BACKENDS = ("auto", "layerwise", "generic")
 
 #: Default bound on the numbers (Jacobian entries, recorded activations) held per chunk.
 MAX_ELEMENTS = 2**24
@@ -118,10 +118,22 @@ def glm_moments(la: Laplace, x: Tensor, joint: bool = False, chunk_size: int | N
         ``joint=False``: f (B, ...) and per-input covariances (B, D, D) of the D flattened
         outputs; ``joint=True``: f (B, ...) and the covariance (B·D, B·D), ordered input-major.
     """
-    la._require_fit()
-    plan = resolve_backend(la, backend)
+    la.require_fit()
     if joint:
+        plan = resolve_backend(la, backend)
         return moments(la, x, plan, joint=True, create_graph=create_graph)
-    chunk = chunk_length(la, x, plan, chunk_size)
-    means, covs = zip(*glm_chunks(la, x, plan, chunk, create_graph))
+    means, covs = zip(*glm_moment_chunks(la, x, chunk_size, backend, create_graph))
     return torch.cat(means), torch.cat(covs)
+
+
+def glm_moment_chunks(la: Laplace, x: Tensor, chunk_size: int | None = None,
+                      backend: str = "auto", create_graph: bool = False
+                      ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (f (n, ...), J Σ Jᵀ (n, D, D)) for consecutive chunks of x (B, ...).
+
+    ``chunk_size`` inputs per chunk, by default as many as keep about :data:`MAX_ELEMENTS`
+    numbers in memory at once.
+    """
+    la.require_fit()
+    plan = resolve_backend(la, backend)
+    yield from glm_chunks(la, x, plan, chunk_length(la, x, plan, chunk_size), create_graph)

@@ -1,7 +1,7 @@
 """Loaders for the cause–effect pair benchmarks in their published file layouts.
 
 Nothing here ships data: every loader reads files the user has (and raises FileNotFoundError
-naming the missing path otherwise).
+naming the missing path otherwise, :class:`~marglik.errors.MarglikError` for a malformed file).
 
 - ANLSMN (Tagasovska et al., 2020; folders AN, LS, MN-U, ...): ``pair_<k>.txt`` CSV files with the
   header ``"",x_pa,x_child`` and ``pairs_gt.txt`` with one line per pair k = 1, 2, ...: ``1`` when
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from marglik.errors import MarglikError
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def load_anlsmn(folder: str | Path) -> list[CausePair]:
     pairs = []
     for k, label in enumerate(labels, start=1):
         if label not in ("0", "1"):
-            raise ValueError(f"{truth_file}: line {k} should be 0 or 1, got {label!r}")
+            raise MarglikError(f"{truth_file}: line {k} should be 0 or 1, got {label!r}")
         path = _require(folder / f"pair_{k}.txt")
         data = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(1, 2))
         truth = "x->y" if label == "1" else "y->x"
@@ -77,16 +79,16 @@ def load_simulated(folder: str | Path) -> list[CausePair]:
         if not fields:
             continue
         if len(fields) != 6:
-            raise ValueError(f"{meta_file}: expected 6 fields per line, got {line!r}")
+            raise MarglikError(f"{meta_file}: expected 6 fields per line, got {line!r}")
         pid = fields[0]
         cause_first, cause_last, effect_first, effect_last = (int(v) for v in fields[1:5])
         if cause_first != cause_last or effect_first != effect_last:
             continue  # multivariate pair: not a two-variable problem
         data = np.loadtxt(_require(folder / f"pair{pid}.txt"))
         if data.ndim != 2 or data.shape[1] != 2:
-            raise ValueError(f"{folder / f'pair{pid}.txt'} should have two columns")
+            raise MarglikError(f"{folder / f'pair{pid}.txt'} should have two columns")
         if {cause_first, effect_first} != {1, 2}:
-            raise ValueError(f"{meta_file}: pair {pid} must relate columns 1 and 2")
+            raise MarglikError(f"{meta_file}: pair {pid} must relate columns 1 and 2")
         truth = "x->y" if cause_first == 1 else "y->x"
         weight = float(fields[5])
         pairs.append(CausePair(f"{folder.name}/pair{pid}", data[:, 0], data[:, 1], truth, weight))
@@ -127,7 +129,7 @@ def load_tuebingen(
     # one line per pair, "pairK,<A numbers>,<B numbers>"; split by hand (cells exceed csv's limit)
     lines = pairs_file.read_text().splitlines()
     if not lines or lines[0].strip() != "SampleID,A,B":
-        raise ValueError(f"{pairs_file}: expected the header SampleID,A,B")
+        raise MarglikError(f"{pairs_file}: expected the header SampleID,A,B")
     for line in lines[1:]:
         if not line.strip():
             continue
@@ -136,11 +138,11 @@ def load_tuebingen(
         y = np.array(b.split(), dtype=np.float64)
         target = targets.get(name)
         if target not in (1.0, -1.0):
-            raise ValueError(f"{targets_file}: no ±1 target for {name}")
+            raise MarglikError(f"{targets_file}: no ±1 target for {name}")
         weight, meta = 1.0, {}
         if table:
             if name not in table:
-                raise ValueError(f"{weights_file} has no row for {name}")
+                raise MarglikError(f"{weights_file} has no row for {name}")
             entry = table[name]
             if loci_eval_only and entry["used_in_LOCI_eval"].strip().lower() != "true":
                 continue

@@ -7,7 +7,7 @@ A network with two outputs f = (g1, g2) is read through
     μ(x) = −η1 / (2η2) = g1 / h(g2),        σ²(x) = −1 / (2η2) = 1 / h(g2).
 
 Its weights and layer-wise prior precisions are trained together by the Laplace evidence
-(:func:`marglik.online.marglik_training`, no noise hyperparameter). The predictive of y is
+(:func:`marglik.training.marglik_training`, no noise hyperparameter). The predictive of y is
 
     p(y | x, D) ≈ N(y; μ*(x), v_epi(x) + σ²*(x)),
 
@@ -31,9 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from marglik.data.standardize import Standardizer
 from marglik.likelihoods.heteroscedastic import NaturalGaussian, mean_variance_to_natural
-from marglik.online import marglik_training
+from marglik.nets import mlp
 from marglik.posterior import Laplace
+from marglik.training import marglik_training
 
 __all__ = [
     "HeteroscedasticPredictive",
@@ -136,18 +138,55 @@ def mean_variance_network_to_natural(
 
 @dataclass
 class Standardisation:
-    """Affine standardisation of inputs (per feature) and targets, from the training data."""
+    """The input and target standardisers of :func:`fit_heteroscedastic` (training statistics).
 
-    x_mean: Tensor
-    x_std: Tensor
-    y_mean: Tensor
-    y_std: Tensor
+    ``x`` standardises inputs per feature ((D,) statistics), ``y`` the targets (0-dim statistics);
+    both are :class:`~marglik.data.Standardizer` with Bessel's correction (``correction=1``, the
+    convention this method has always used; zero input stds are replaced by 1).
+    """
+
+    x: Standardizer
+    y: Standardizer
+
+    @classmethod
+    def fit(cls, x: Tensor, y: Tensor, correction: int = 1) -> Standardisation:
+        """Statistics of inputs ``x`` (N, D) and targets ``y`` (any shape, N values)."""
+        return cls(
+            Standardizer(correction=correction).fit(x),
+            Standardizer(correction=correction).fit(y.reshape(-1)),
+        )
+
+    @property
+    def x_mean(self) -> Tensor:
+        """Per-feature input means, (D,)."""
+        return self.x.mean
+
+    @property
+    def x_std(self) -> Tensor:
+        """Per-feature input standard deviations, (D,)."""
+        return self.x.std
+
+    @property
+    def y_mean(self) -> Tensor:
+        """Target mean, 0-dim."""
+        return self.y.mean
+
+    @property
+    def y_std(self) -> Tensor:
+        """Target standard deviation, 0-dim."""
+        return self.y.std
 
     def transform_x(self, x: Tensor) -> Tensor:
-        return (x - self.x_mean) / self.x_std
+        """Standardised inputs: ``x`` (N, D), or (N,) when D = 1; same shape."""
+        x = torch.as_tensor(x)
+        if x.ndim == 1 and self.x_mean.shape == (1,):
+            return self.x.transform(x.unsqueeze(-1)).squeeze(-1)
+        return self.x.transform(x)
 
     def transform_y(self, y: Tensor) -> Tensor:
-        return (y - self.y_mean) / self.y_std
+        """Standardised targets, any shape (elementwise)."""
+        y = torch.as_tensor(y)
+        return self.y.transform(y.reshape(-1)).reshape(y.shape)
 
 
 def fit_heteroscedastic(
@@ -181,17 +220,14 @@ def fit_heteroscedastic(
     y = torch.as_tensor(y, dtype=x.dtype).reshape(-1, 1)
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"need matching x and y with at least 2 rows, got {len(x)} and {len(y)}")
-    x_std = x.std(0)
-    s = Standardisation(x.mean(0), torch.where(x_std > 0, x_std, torch.ones_like(x_std)),
-                        y.mean(), y.std())
+    s = Standardisation.fit(x, y)
     acts = {"gelu": nn.GELU, "tanh": nn.Tanh}
     if activation not in acts:
         raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(x.shape[1], hidden), acts[activation](),
-                              nn.Linear(hidden, 2)).to(x.dtype)
+        model = mlp([x.shape[1], hidden, 2], acts[activation]).to(x.dtype)
     data = torch.utils.data.TensorDataset(s.transform_x(x), s.transform_y(y))
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size or len(data), shuffle=True,
                                          generator=gen)

@@ -1,41 +1,26 @@
-"""``marglik demo``: the whole pipeline on two data sets that ship with scikit-learn.
+"""The demo's experiments: digits (classification) and diabetes (regression), and their settings.
 
-1. digits (classification, 1,257 train / 540 test images): a 64-32-32-10 ReLU MLP trained to the
-   MAP, then post-hoc Laplace posteriors — all weights (KFAC; full GGN as a check that KFAC is not
-   the cause of what we see) and the last layer (KFAC and full) — with layer-wise prior precisions
-   tuned by the evidence, and probit or Monte Carlo links.
-2. diabetes (regression, 309 train / 133 test patients): a 10-50-1 tanh MLP trained to the MAP
-   with a default prior, post-hoc Laplace with δ and σ tuned by the evidence; then the same network
-   trained by online evidence maximisation (:func:`marglik.online.marglik_training`), whose
-   posterior is used as it comes out of training, next to post-hoc ones at the same weights.
-
-It prints a table (MAP vs Laplace: accuracy or RMSE, NLL, ECE or interval calibration error, log
-evidence, seconds) and writes ``summary.json`` and plots (reliability diagrams, evidence traces,
-regression predictive intervals) to ``--out``. The headline configurations are fixed, chosen from
-measurements documented in ``docs/calibration.md``: the last-layer full-GGN posterior with the
-probit link for classification, the evidence-trained all-weights KFAC posterior for regression.
-
-Threads: small MLPs run far faster on one thread than on several, so the command sets
-``torch.set_num_threads(--threads)`` (default 1). The library itself never changes threads.
+:func:`run_digits` and :func:`run_diabetes` train, fit the Laplace posteriors, tune them by the
+evidence and evaluate them; each returns a dictionary of results (keys starting with ``_`` hold
+tensors and posteriors for the plots and are left out of ``summary.json``). The configurations
+are described in :mod:`marglik.cli.demo`.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from marglik.cli import CLIError
+import marglik
+from marglik import metrics
+from marglik.data import load_digits_split, load_regression_set
+from marglik.nets import mlp
+from marglik.training import marglik_training, train_map
 
 #: Monte Carlo samples of the logits for link_approx="mc"
 MC_SAMPLES = 1000
@@ -43,7 +28,8 @@ HEADLINE_CLASSIFICATION = "Laplace last-layer full GGN (probit)"
 HEADLINE_REGRESSION = "evidence-trained + Laplace all KFAC"
 
 
-def _settings(quick: bool) -> dict[str, Any]:
+def settings(quick: bool) -> dict[str, Any]:
+    """Epochs, steps and samples of the full run, or of ``--quick`` (a smoke test)."""
     if quick:
         return {
             "digits_epochs": 3,
@@ -68,6 +54,8 @@ def _settings(quick: bool) -> dict[str, Any]:
 
 
 class Stopwatch:
+    """``with Stopwatch() as sw: ...`` then ``sw.seconds``."""
+
     def __enter__(self) -> Stopwatch:
         self.start = time.perf_counter()
         return self
@@ -78,15 +66,6 @@ class Stopwatch:
 
 def _progress() -> bool:
     return sys.stderr.isatty()
-
-
-def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
 
 
 def _probs(la: Any, X: Tensor, link: str, n_samples: int, seed: int) -> Tensor:
@@ -112,14 +91,9 @@ def _hyper(la: Any) -> dict[str, Any]:
 
 # ---- classification ---------------------------------------------------------------------------
 def run_digits(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-    import marglik
-    from marglik import metrics
-    from marglik.data import load_digits_split
-    from marglik.training import train_map
-
     Xtr, ytr, Xte, yte = load_digits_split(flatten=True, seed=seed)
     torch.manual_seed(seed)
-    model = _mlp([64, 32, 32, 10], nn.ReLU)
+    model = mlp([64, 32, 32, 10], nn.ReLU)
     data = torch.utils.data.TensorDataset(Xtr, ytr)
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(data, batch_size=128, shuffle=True, generator=g)
@@ -226,8 +200,6 @@ def run_digits(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
 
 def _delta_scan(la: Any, Xte: Tensor, yte: Tensor, cfg: dict, seed: int) -> list[dict[str, float]]:
     """Test NLL of the all-weights posterior as the scalar δ grows beyond the evidence optimum."""
-    from marglik import metrics
-
     saved = la.prior_precision
     la.optimize_prior_precision(prior_structure="scalar", n_steps=cfg["hyper_steps"], lr=0.1)
     best = la.prior_precision.item()
@@ -250,12 +222,6 @@ def _delta_scan(la: Any, Xte: Tensor, yte: Tensor, cfg: dict, seed: int) -> list
 
 # ---- regression -------------------------------------------------------------------------------
 def run_diabetes(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-    import marglik
-    from marglik import metrics
-    from marglik.data import load_regression_set
-    from marglik.online import marglik_training
-    from marglik.training import train_map
-
     split = load_regression_set("diabetes", seed=seed)
     Xtr, ytr, Xte, yte = split.X_train, split.y_train, split.X_test, split.y_test
     scale = split.y_std.item()
@@ -330,7 +296,7 @@ def run_diabetes(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
 
     # 1. MAP with a default prior, then post-hoc Laplace
     torch.manual_seed(seed)
-    model = _mlp([Xtr.shape[1], 50, 1], nn.Tanh)
+    model = mlp([Xtr.shape[1], 50, 1], nn.Tanh)
     prior = 1.0
     with Stopwatch() as sw:
         train_map(
@@ -361,7 +327,7 @@ def run_diabetes(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
 
     # 2. evidence-trained: online evidence maximisation (Immer et al. 2021, Algorithm 1)
     torch.manual_seed(seed)
-    model = _mlp([Xtr.shape[1], 50, 1], nn.Tanh)
+    model = mlp([Xtr.shape[1], 50, 1], nn.Tanh)
     every = cfg["evidence_every"]
     with Stopwatch() as sw:
         la, model, hist = marglik_training(
@@ -436,237 +402,3 @@ def run_diabetes(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
         "_predictions": predictions,
         "_split": split,
     }
-
-
-# ---- output -----------------------------------------------------------------------------------
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_tables(digits: dict[str, Any], diabetes: dict[str, Any]) -> str:
-    lines = [
-        f"digits: classification, {digits['n_train']} train / {digits['n_test']} test, "
-        f"{digits['model']}",
-        f"  {'method':<34} {'link':<6} {'P':>5} {'acc':>7} {'NLL':>7} {'ECE':>7} "
-        f"{'log Z':>9} {'s':>6}",
-    ]
-    for r in digits["rows"]:
-        mark = "*" if f"{r['method']} ({r['link']})" == digits["headline"] else " "
-        lines.append(
-            f"{mark} {r['method']:<34} {r['link']:<6} {r['n_params']:>5} "
-            f"{r['accuracy']:>7.4f} {r['nll']:>7.4f} {r['ece']:>7.4f} "
-            f"{_fmt(r['log_marglik'], 1):>9} {r['seconds']:>6.1f}"
-        )
-    lines += [
-        "",
-        f"diabetes: regression, {diabetes['n_train']} train / {diabetes['n_test']} "
-        f"test, {diabetes['model']} (RMSE and NLL in original units)",
-        f"  {'method':<52} {'P':>5} {'RMSE':>7} {'NLL':>7} {'CalErr':>7} {'log Z':>9} {'s':>6}",
-    ]
-    for r in diabetes["rows"]:
-        mark = "*" if r["method"] == diabetes["headline"] else " "
-        lines.append(
-            f"{mark} {r['method']:<52} {r['n_params']:>5} {r['rmse']:>7.2f} "
-            f"{r['nll']:>7.4f} {r['calibration_error']:>7.4f} "
-            f"{_fmt(r['log_marglik'], 1):>9} {r['seconds']:>6.1f}"
-        )
-    lines.append(
-        "* headline configuration (docs/calibration.md). log Z: Laplace log evidence (last-layer "
-        "values condition on the features: not comparable to all-weights ones). s: seconds to "
-        "train (MAP rows) or to fit, tune and predict (Laplace rows)."
-    )
-    return "\n".join(lines)
-
-
-def write_plots(out: Path, digits: dict[str, Any], diabetes: dict[str, Any]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from marglik import plot
-
-    files = []
-    probs, yte = digits["_probs"], digits["_test"]
-    shown = ["MAP", "Laplace all KFAC (probit)", digits["headline"]]
-    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4.5))
-    for ax, name in zip(axes, shown):
-        plot.reliability_diagram(probs[name], yte, ax=ax)
-        ax.set_title(f"digits: {name}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=110)
-    plt.close(fig)
-    files.append("reliability.png")
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    plot.trace(digits["evidence_traces"], ax=axes[0], xlabel="Adam step on log δ")
-    axes[0].set_title("digits: post-hoc evidence maximisation", fontsize=10)
-    plot.trace(diabetes["evidence_traces"], ax=axes[1], xlabel="Adam step on log δ, log σ")
-    axes[1].set_title("diabetes: post-hoc evidence maximisation", fontsize=10)
-    online = diabetes["online_training"]
-    axes[2].plot(
-        online["evidence_epochs"], online["log_marglik"], "o-", ms=3, label="all-weights KFAC"
-    )
-    axes[2].axvline(online["best_epoch"], color="gray", ls="--", label="best (kept)")
-    axes[2].set_xlabel("epoch")
-    axes[2].set_title("diabetes: online evidence maximisation during training", fontsize=10)
-    for ax in axes:
-        ax.set_ylabel("log evidence")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "evidence_trace.png", dpi=110)
-    plt.close(fig)
-    files.append("evidence_trace.png")
-
-    split = diabetes["_split"]
-    la, mean, f_var, var = diabetes["_predictions"][diabetes["headline"]]
-    ys, ym = split.y_std.item(), split.y_mean.item()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    ax = axes[0]
-    y_true = split.y_test.reshape(-1) * ys + ym
-    y_pred = mean.reshape(-1) * ys + ym
-    ax.errorbar(
-        y_true,
-        y_pred,
-        yerr=2 * var.reshape(-1).sqrt() * ys,
-        fmt="o",
-        ms=3,
-        alpha=0.6,
-        elinewidth=0.8,
-        label="mean ± 2 std (with noise)",
-    )
-    lo, hi = float(y_true.min()), float(y_true.max())
-    ax.plot([lo, hi], [lo, hi], "--", color="gray", label="y = x")
-    ax.set_xlabel("true disease progression")
-    ax.set_ylabel("predicted")
-    ax.set_title(f"diabetes test set: {diabetes['headline']}", fontsize=10)
-    ax.legend()
-    # predictive bands along the first principal direction of the training inputs
-    Xtr = split.X_train
-    center = Xtr.mean(0)
-    _, _, V = torch.linalg.svd(Xtr - center, full_matrices=False)
-    v = V[0]
-    t_train = (Xtr - center) @ v
-    t = torch.linspace(float(t_train.min()) - 1.5, float(t_train.max()) + 1.5, 200)
-    grid = center + t[:, None] * v
-    with torch.no_grad():
-        m, fv, _ = _regression_moments(la, grid)
-    sigma = la.sigma_noise.reshape(()).item() * ys
-    plot.predictive_bands(
-        t,
-        m.reshape(-1) * ys + ym,
-        fv.reshape(-1).sqrt() * ys,
-        x_train=t_train,
-        y_train=split.y_train.reshape(-1) * ys + ym,
-        aleatoric_std=sigma,
-        ax=axes[1],
-    )
-    axes[1].set_xlabel("first principal direction of the standardised inputs")
-    axes[1].set_ylabel("disease progression")
-    axes[1].set_title("predictive bands along PC 1 (other directions at the mean)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "regression.png", dpi=110)
-    plt.close(fig)
-    files.append("regression.png")
-    return files
-
-
-def _public(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if not k.startswith("_")}
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    if args.threads < 1:
-        raise CLIError(f"--threads must be at least 1, got {args.threads}")
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        raise CLIError(
-            "the demo's data sets ship with scikit-learn, which is not installed: "
-            "pip install 'marglik[data]'"
-        ) from None
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CLIError(f"cannot create output folder {str(out)!r}: {err.strerror}") from None
-    torch.set_num_threads(args.threads)
-    cfg = _settings(args.quick)
-    start = time.perf_counter()
-    print(
-        f"marglik demo{' --quick' if args.quick else ''}: digits and diabetes, "
-        f"{args.threads} thread(s); writing to {out}/",
-        flush=True,
-    )
-    digits = run_digits(cfg, args.seed)
-    diabetes = run_diabetes(cfg, args.seed)
-    table = format_tables(digits, diabetes)
-    print(table)
-    if cfg["scan"]:
-        scan = ", ".join(
-            f"x{s['factor']}: NLL {s['nll']:.3f}" for s in digits["prior_scan_all_kfac"]
-        )
-        print(
-            f"digits, all-weights KFAC (probit) as the scalar prior precision grows beyond its "
-            f"evidence optimum {digits['prior_scan_all_kfac'][0]['prior_precision']:.3g}: "
-            f"{scan}"
-        )
-    try:
-        files = write_plots(out, digits, diabetes)
-    except ImportError:
-        files = []
-        print("matplotlib is not installed: no plots (pip install 'marglik[plot]')")
-    wall = time.perf_counter() - start
-    summary = {
-        "marglik_version": _version(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": args.threads,
-        },
-        "quick": args.quick,
-        "seed": args.seed,
-        "settings": cfg,
-        "classification": _public(digits),
-        "regression": _public(diabetes),
-        "table": table.splitlines(),
-        "files": files + ["summary.json"],
-        "wall_time_s": round(wall, 1),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {', '.join(summary['files'])} to {out}/ in {wall:.0f} s")
-    return 0
-
-
-def _version() -> str:
-    import marglik
-
-    return marglik.__version__
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="train, fit Laplace and tune by the evidence on digits and diabetes",
-        description="Train small MLPs on the digits and diabetes sets that ship with "
-        "scikit-learn, compare MAP with Laplace posteriors tuned by the evidence, and "
-        "write a table, plots and summary.json.",
-    )
-    parser.add_argument("--out", default="marglik-out", help="output folder (default: %(default)s)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a few epochs and steps only (a smoke test, numbers meaningless)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the splits and training")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: fastest for these small models)",
-    )
-    parser.set_defaults(func=cmd_demo)

@@ -1,0 +1,154 @@
+"""The tabular model and its folder format: network, posterior, standardisers; predictions.
+
+:class:`TabularModel` bundles the ``config.json`` content, the Laplace posterior around the
+trained network and the standardisers; :meth:`TabularModel.save` and :meth:`TabularModel.load`
+write and read the model folder, :meth:`TabularModel.predict` gives the GLM predictive in the
+target's original units.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from marglik.data import Standardizer
+from marglik.errors import MarglikError
+from marglik.nets import mlp
+from marglik.posterior import Laplace
+
+__all__ = ["FILES", "FORMAT", "TabularModel", "TabularPrediction", "build_network"]
+
+#: format tag written to ``config.json``
+FORMAT = "marglik.tabular/1"
+#: files a model folder holds
+FILES = ("model.pt", "laplace.pt", "standardizer.pt", "config.json", "report.json")
+
+
+def build_network(n_in: int, hidden: Sequence[int], n_out: int) -> nn.Sequential:
+    """The MLP ``n_in → hidden[0] → … → n_out`` with tanh activations."""
+    return mlp([n_in, *hidden, n_out], nn.Tanh)
+
+
+def class_probabilities(la: Laplace, X: Tensor) -> Tensor:
+    """GLM predictive with the probit link (deterministic): (N, C)."""
+    return la(X, pred_type="glm", link_approx="probit")
+
+
+@dataclass
+class TabularPrediction:
+    """Predictions for the rows of a table, in the target's original units.
+
+    Classification: ``probs`` (N, C) and the predicted ``labels`` (original class labels).
+    Regression: ``mean``, ``std_with_noise`` and ``std_without_noise``, each (N,).
+    """
+
+    task: str
+    probs: Tensor | None = None
+    labels: list[int | float | str] | None = None
+    mean: Tensor | None = None
+    std_with_noise: Tensor | None = None
+    std_without_noise: Tensor | None = None
+
+
+@dataclass
+class TabularModel:
+    """A trained tabular model: its config, Laplace posterior and standardisers.
+
+    Attributes:
+        config: the ``config.json`` content (format, task, features, target, classes, hidden
+            widths, likelihood and posterior structure).
+        laplace: the all-weights KFAC Laplace posterior around the trained network.
+        x_scaler: standardiser of the features.
+        y_scaler: standardiser of the regression target; None for classification.
+    """
+
+    config: dict[str, Any]
+    laplace: Laplace
+    x_scaler: Standardizer
+    y_scaler: Standardizer | None = None
+
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"``."""
+        return self.config["task"]
+
+    @property
+    def features(self) -> list[str]:
+        """Names of the feature columns, in the order the network reads them."""
+        return self.config["features"]
+
+    def predict(self, X: Tensor) -> TabularPrediction:
+        """GLM predictive for raw (unstandardised) features ``X`` of shape (N, D)."""
+        la = self.laplace
+        X = self.x_scaler.transform(X)
+        if self.task == "classification":
+            probs = class_probabilities(la, X)
+            classes = self.config["classes"]
+            labels = [classes[k] for k in probs.argmax(-1).tolist()]
+            return TabularPrediction(self.task, probs=probs, labels=labels)
+        f_mean, f_var = la(X)
+        f_var = f_var.reshape(len(X), -1)[:, 0]
+        scale = self.y_scaler.std.reshape(()).item()
+        mean = self.y_scaler.inverse_transform(f_mean.reshape(-1, 1)).reshape(-1)
+        std_f = f_var.clamp_min(0).sqrt() * scale
+        std_y = (f_var.clamp_min(0) + la.sigma_noise.reshape(()) ** 2).sqrt() * scale
+        return TabularPrediction(
+            self.task, mean=mean, std_with_noise=std_y, std_without_noise=std_f
+        )
+
+    def save(self, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
+        """Write the model folder (``report.json`` only when ``report`` is given)."""
+        out = Path(folder)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise MarglikError(f"cannot create model folder {str(out)!r}: {err.strerror}") from None
+        scalers = {"x": self.x_scaler.state_dict()}
+        if self.y_scaler is not None:
+            scalers["y"] = self.y_scaler.state_dict()
+        torch.save(self.laplace.model.state_dict(), out / "model.pt")
+        torch.save(self.laplace.state_dict(), out / "laplace.pt")
+        torch.save(scalers, out / "standardizer.pt")
+        (out / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        if report is not None:
+            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TabularModel:
+        """Read a model folder written by :meth:`save` (``marglik fit``)."""
+        path = str(folder)
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise MarglikError(f"model folder {path!r} does not exist or is not a folder")
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise MarglikError(
+                f"{path!r} is not a marglik model folder (no valid config.json from 'marglik fit')"
+            )
+        try:
+            model = build_network(len(config["features"]), config["hidden"], config["n_outputs"])
+            model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+            scalers = torch.load(folder / "standardizer.pt", weights_only=True)
+            x_scaler = Standardizer.from_state_dict(scalers["x"])
+            y_scaler = Standardizer.from_state_dict(scalers["y"]) if "y" in scalers else None
+            la = Laplace(
+                model,
+                config["likelihood"],
+                subset_of_weights=config["subset_of_weights"],
+                hessian_structure=config["hessian_structure"],
+            )
+            la.load_state_dict(torch.load(folder / "laplace.pt", weights_only=True))
+        except Exception as err:  # any broken or foreign file: one line, not a traceback
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise MarglikError(f"{path!r} is not a loadable marglik model: {reason}") from None
+        return cls(config, la, x_scaler, y_scaler)

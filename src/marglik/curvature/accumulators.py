@@ -1,0 +1,323 @@
+"""Curvature accumulators: one per structure, the same small interface.
+
+:func:`~marglik.curvature.engine.fit_curvature` runs the model on each batch, records the
+registered layers (:mod:`marglik.curvature.layers`) and hands every batch to the accumulator of
+the requested structure (:data:`ACCUMULATORS`):
+
+- :meth:`Accumulator.columns` gives the output columns U (K, N, *S, C) whose backpropagation
+  gives the curvature, Σ_k J_nᵀ U_k,n U_k,nᵀ J_n (:mod:`marglik.curvature.columns`);
+- :meth:`Accumulator.add_batch` adds the batch's curvature sums from the layers' inputs
+  a (N, R, D_in) and output-column gradients b (K, N, R, D_out), and from ``torch.func``
+  per-sample column gradients M (K, N, P_rest) for the parameters no layer owns;
+- after the pass (and the all-reduce of the sums over ranks), :meth:`Accumulator.blocks` turns
+  the summed statistics into curvature blocks in the order of the subset's parameters.
+
+The structures:
+
+- ``"full"``: H = Σ_{k,n} m_{k,n} m_{k,n}ᵀ from the per-sample column gradients;
+- ``"diag"``: the exact GGN/EF diagonal, per layer in closed form (Σ_{k,n} (Σ_r b aᵀ)²);
+- ``"kron"``: per layer weight G ⊗ A (KFAC-expand or -reduce, Eschenhagen et al., NeurIPS
+  2023), G alone for its bias, the exact diagonal for every other parameter;
+- ``"lowrank"``: nothing per batch; top-k eigenpairs by Lanczos over the data afterwards.
+
+Sums are kept in the accumulation dtype and, with ``create_graph``, keep their autograd graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from marglik.curvature.columns import output_columns
+from marglik.curvature.kfac import exact_layer_diagonal, kfac_statistics, layer_sample_gradients
+from marglik.curvature.lanczos import ggn_matvec, lanczos
+from marglik.curvature.layers import LayerBatches, LayerMap, LayerRecord
+from marglik.curvature.per_sample import per_sample_column_grads, per_sample_column_grads_autograd
+from marglik.curvature.runtime import Replay, eval_mode
+from marglik.curvature.subsets import ParameterSubset
+from marglik.likelihoods import Likelihood
+from marglik.structures import CurvatureBlock, Dense, Diagonal, Kronecker, LowRank
+
+
+@dataclass
+class FitSpec:
+    """Everything about one fit that the accumulator needs (fixed for the whole pass)."""
+
+    model: nn.Module
+    likelihood: Likelihood
+    loader: Iterable
+    subset: ParameterSubset
+    layers: LayerMap
+    rest: ParameterSubset | None  # subset tensors that no recorded layer owns
+    curvature: str
+    kfac_approx: str
+    rank: int | None
+    mc_samples: int
+    seed: int
+    create_graph: bool
+    dtype: torch.dtype  # accumulation dtype
+
+
+class Sums:
+    """Running sums over batches (to be all-reduced over ranks), in the accumulation dtype."""
+
+    def __init__(self, dtype: torch.dtype, keep_graph: bool = False):
+        self.dtype, self.keep_graph = dtype, keep_graph
+        self.values: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, value: Tensor) -> None:
+        value = (value if self.keep_graph else value.detach()).to(self.dtype)
+        self.values[key] = self.values[key] + value if key in self.values else value.clone()
+
+    def count(self, key: str, n: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def totals(self, n_data: int) -> dict[str, Tensor]:
+        """The sums, ``"n_data"`` and the counts as one dict of tensors (for the all-reduce)."""
+        out = dict(self.values)
+        out["n_data"] = torch.tensor(float(n_data), dtype=self.dtype)
+        for key, count in self.counts.items():
+            out[key] = torch.tensor(float(count), dtype=self.dtype)
+        return out
+
+
+class Accumulator:
+    """Curvature sums of one structure over batches, and the blocks they give."""
+
+    #: exact GGN columns per (position, column) pair, keeping Λ's block structure over positions
+    split_positions: ClassVar[bool] = True
+
+    @classmethod
+    def uses_layers(cls, create_graph: bool) -> bool:
+        """Whether registered layers are recorded (else every parameter is "rest")."""
+        return True
+
+    def __init__(self, spec: FitSpec, sums: Sums):
+        self.spec, self.sums = spec, sums
+        self.generator = torch.Generator().manual_seed(spec.seed)
+
+    def columns(self, fd: Tensor, y: Tensor) -> Tensor | None:
+        """Output columns U (K, N, *S, C) for the batch's detached outputs fd (N, *S, C)."""
+        s = self.spec
+        return output_columns(
+            s.likelihood,
+            fd,
+            y,
+            s.curvature,
+            split_positions=self.split_positions,
+            mc_samples=s.mc_samples,
+            generator=self.generator,
+        ).to(fd.dtype)
+
+    def add_batch(
+        self, x: Tensor, fd: Tensor, y: Tensor, U: Tensor | None, layers: LayerBatches
+    ) -> None:
+        """Add one batch: inputs x (N, ...), detached outputs fd (N, *S, C), targets y, the
+        columns U of :meth:`columns` and the recorded layers.
+
+        ``layers`` yields (record, a, b) one layer at a time, each formed on demand
+        (:class:`~marglik.curvature.layers.LayerBatches`).
+        """
+        raise NotImplementedError
+
+    def blocks(self, sums: dict[str, Tensor]) -> list[CurvatureBlock]:
+        """Curvature blocks, in subset order, from the summed (all-reduced) statistics."""
+        raise NotImplementedError
+
+    def rest_grads(self, x: Tensor, U: Tensor) -> Tensor:
+        """Per-sample column gradients (K, N, P_rest) of the parameters no layer owns."""
+        if self.spec.create_graph:
+            return per_sample_column_grads_autograd(self.spec.model, self.spec.rest, x, U)
+        return per_sample_column_grads(self.spec.model, self.spec.rest, x, U)
+
+
+class FullAccumulator(Accumulator):
+    """``"full"``: H = Σ Mᵀ M over per-sample column gradients M (K·N, P), one Dense block.
+
+    Layers are recorded only with ``create_graph`` (their gradients Σ_r b aᵀ then come from
+    plain autograd); otherwise ``torch.func`` gives M for the whole subset.
+    """
+
+    @classmethod
+    def uses_layers(cls, create_graph: bool) -> bool:
+        return create_graph
+
+    def add_batch(self, x, fd, y, U, layers) -> None:
+        spec = self.spec
+        if not spec.layers.layers:  # the whole subset (also index subnetworks)
+            M = self.rest_grads(x, U)
+        else:
+            parts: dict[str, Tensor] = {}
+            for rec, a, b in layers:
+                w_grad, b_grad = layer_sample_gradients(a, b)
+                for name, grad in ((rec.weight, w_grad), (rec.bias, b_grad)):
+                    if name:
+                        parts[name] = grad
+            if spec.rest is not None:
+                M = self.rest_grads(x, U)
+                parts.update(zip(spec.rest.names, M.split(_sizes(spec.rest), -1)))
+            for name, shape in zip(spec.subset.names, spec.subset.shapes):
+                _check_size(spec.layers, name, shape, parts[name].shape[-1])
+            M = torch.cat([parts[n] for n in spec.subset.names], -1)
+        M = M.reshape(-1, M.shape[-1]).to(self.sums.dtype)
+        self.sums.add("H", M.T @ M)
+
+    def blocks(self, sums):
+        return [Dense(sums["H"])]
+
+
+class DiagAccumulator(Accumulator):
+    """``"diag"``: the exact diagonal, per layer Σ_{k,n} (Σ_r b_{k,n,r} a_{n,r}ᵀ)² (weight) and
+    Σ_{k,n} (Σ_r b_{k,n,r})² (bias), Σ_{k,n} m² for the rest; one Diagonal block."""
+
+    def add_batch(self, x, fd, y, U, layers) -> None:
+        for rec, a, b in layers:
+            w_diag, b_diag = exact_layer_diagonal(a, b)
+            self.sums.add(rec.name + ".weight_diag", w_diag)
+            self.sums.add(rec.name + ".bias_diag", b_diag)
+        if self.spec.rest is not None:
+            self.sums.add("rest_diag", self.rest_grads(x, U).square().sum((0, 1)))
+
+    def blocks(self, sums):
+        def own(name: str, shape: torch.Size, rec: LayerRecord, role: str) -> Tensor:
+            diagonal = sums[f"{rec.name}.{role}_diag"].reshape(-1)
+            _check_size(self.spec.layers, name, shape, diagonal.numel())
+            return diagonal
+
+        return tensor_blocks(self.spec, sums, own)
+
+
+class KronAccumulator(Accumulator):
+    """``"kron"``: per layer the factor sums A (D_in, D_in), G (D_out, D_out) and the count of
+    :func:`~marglik.curvature.kfac.kfac_statistics`; Kronecker G ⊗ (A / count) for the weight,
+    Dense G for the bias, exact diagonal blocks for the rest (with a warning)."""
+
+    split_positions = False  # KFAC sums the stacked columns over positions
+
+    def __init__(self, spec: FitSpec, sums: Sums):
+        super().__init__(spec, sums)
+        if spec.rest is not None:  # stacklevel: the caller of Laplace.fit / fit_curvature's
+            warnings.warn(
+                f"KFAC cannot express {spec.rest.names}; they get diagonal blocks", stacklevel=4
+            )
+
+    def add_batch(self, x, fd, y, U, layers) -> None:
+        spec = self.spec
+        for rec, a, b in layers:
+            A, G, count = kfac_statistics(a, b, spec.kfac_approx)
+            self.sums.add(rec.name + ".A", A)
+            self.sums.add(rec.name + ".G", G)
+            self.sums.count(rec.name + ".count", count)
+        if spec.rest is not None:
+            if fd.ndim > 2 and spec.curvature == "ggn":  # exact diagonal blocks
+                U = output_columns(spec.likelihood, fd, y, spec.curvature, split_positions=True).to(
+                    fd.dtype
+                )
+            self.sums.add("rest_diag", self.rest_grads(x, U).square().sum((0, 1)))
+
+    def blocks(self, sums):
+        def own(name: str, shape: torch.Size, rec: LayerRecord, role: str) -> CurvatureBlock:
+            G = sums[rec.name + ".G"]
+            if role == "bias":
+                _check_size(self.spec.layers, name, shape, G.shape[0])
+                return Dense(G)
+            A = sums[rec.name + ".A"] / sums[rec.name + ".count"]
+            _check_size(self.spec.layers, name, shape, G.shape[0] * A.shape[0])
+            return Kronecker(G, A)
+
+        return tensor_blocks(self.spec, sums, own)
+
+
+class LowRankAccumulator(Accumulator):
+    """``"lowrank"``: nothing per batch; Lanczos with matrix-free GGN-vector products replays
+    the loader afterwards (top-k eigenpairs, k = min(P, rank or 100))."""
+
+    @classmethod
+    def uses_layers(cls, create_graph: bool) -> bool:
+        return False
+
+    def columns(self, fd, y) -> None:
+        return None
+
+    def add_batch(self, x, fd, y, U, layers) -> None:
+        pass
+
+    def blocks(self, sums):
+        s = self.spec
+        k = min(s.subset.size, s.rank or 100)
+        mv = ggn_matvec(
+            s.model, s.likelihood, Replay(s.loader, s.model), s.subset, s.curvature, s.seed
+        )
+        with eval_mode(s.model, s.subset.names):
+            vals, vecs = lanczos(
+                mv,
+                s.subset.size,
+                k,
+                dtype=s.dtype,
+                device=next(s.model.parameters()).device,
+                seed=s.seed,
+            )
+        return [LowRank(vecs, vals)]
+
+
+#: structure name -> accumulator class
+ACCUMULATORS: dict[str, type[Accumulator]] = {
+    "full": FullAccumulator,
+    "diag": DiagAccumulator,
+    "kron": KronAccumulator,
+    "lowrank": LowRankAccumulator,
+}
+
+
+def tensor_blocks(
+    spec: FitSpec,
+    sums: dict[str, Tensor],
+    own: Callable[[str, torch.Size, LayerRecord, str], Tensor | CurvatureBlock],
+) -> list[CurvatureBlock]:
+    """Per-tensor blocks in subset order.
+
+    ``own(name, shape, record, role)`` gives a layer-owned tensor's part: a diagonal vector
+    (merged with its neighbours into one Diagonal block) or a block of its own. Tensors no layer
+    owns take their slice of ``sums["rest_diag"]`` (in subset order).
+    """
+    owner = spec.layers.owner
+    diagonals: list[Tensor] = []
+    blocks: list[CurvatureBlock] = []
+    rest_offset = 0
+    for name, shape in zip(spec.subset.names, spec.subset.shapes):
+        if name in owner:
+            part = own(name, torch.Size(shape), *owner[name])
+        else:
+            numel = int(torch.Size(shape).numel())
+            part = sums["rest_diag"][rest_offset : rest_offset + numel]
+            rest_offset += numel
+        if isinstance(part, Tensor):
+            diagonals.append(part)
+            continue
+        if diagonals:
+            blocks.append(Diagonal(torch.cat(diagonals)))
+            diagonals = []
+        blocks.append(part)
+    if diagonals:
+        blocks.append(Diagonal(torch.cat(diagonals)))
+    return blocks
+
+
+def _sizes(subset: ParameterSubset) -> list[int]:
+    return [int(torch.Size(s).numel()) for s in subset.shapes]
+
+
+def _check_size(layers: LayerMap, name: str, shape: torch.Size, size: int) -> None:
+    """A registered layer's (a, b) must match its parameter: D_out·D_in weight entries."""
+    if name in layers.owner and size != int(torch.Size(shape).numel()):
+        rec, role = layers.owner[name]
+        raise ValueError(
+            f"layer {rec.name!r} ({type(rec.module).__name__}): its registered inputs / "
+            f"output_grads give {size} {role} entries, but {name!r} has shape {tuple(shape)}"
+        )
