@@ -1,6 +1,6 @@
 """GLM-probit predictive on sklearn digits: time and peak memory, layer-wise vs generic path.
 
-Not a test. Prints one JSON line per case. Setting (docs/architecture.md §5): 540 test digits, an MLP
+Not a test; one JSON line per case. Setting (docs/architecture.md §5): 540 test digits, an MLP
 64-256-256-10 (85k parameters) and a CNN Conv(1→16,3,p1)-ReLU-Conv(16→32,3,p1)-ReLU-MaxPool(2)-
 Flatten-Linear(512→10) (10k parameters), both briefly trained (full-batch Adam, seed 0), KFAC
 over all weights fitted on the 1,257 training digits, float32, one thread. Each measurement runs

@@ -15,8 +15,7 @@ from marglik.training import marglik_training
 
 torch.set_num_threads(1)  # small networks: one thread is fastest
 torch.manual_seed(0)
-x_train, y_train, x_test, y_test = load_digits_split(flatten=True)
-x_train, x_test = x_train / 16, x_test / 16
+x_train, y_train, x_test, y_test = load_digits_split(flatten=True)  # pixels already in [0, 1]
 data = torch.utils.data.TensorDataset(x_train, y_train)
 loader = torch.utils.data.DataLoader(data, batch_size=128, shuffle=True)
 

@@ -28,7 +28,7 @@ def jacobians(model: nn.Module, x: Tensor, names: list[str] | None = None) -> Te
         return functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
 
     jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)
-    return torch.cat([j.flatten(2) for j in jac.values()], dim=2)
+    return torch.cat([j.reshape(*j.shape[:2], -1) for j in jac.values()], dim=2)  # 0-d too
 
 
 def output_hessians(nll: Callable[[Tensor, Tensor], Tensor], f: Tensor, y: Tensor) -> Tensor:

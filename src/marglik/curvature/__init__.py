@@ -12,9 +12,24 @@
 - :mod:`~marglik.curvature.columns`, :mod:`~marglik.curvature.per_sample`,
   :mod:`~marglik.curvature.lanczos`, :mod:`~marglik.curvature.subsets`,
   :mod:`~marglik.curvature.runtime`: output columns, per-sample Jacobians, Lanczos, parameter
-  subsets, and model-mode / batch handling.
+  subsets, and model-mode handling;
+- :mod:`~marglik.curvature.batches`: what a batch is ((x, y) pairs, dicts, tuples of inputs).
 """
 
-from marglik.curvature.registry import LayerType, register_layer, registered_layer, unregister_layer
+from marglik.curvature.registry import (
+    CompositeType,
+    LayerType,
+    LinearPart,
+    register_layer,
+    registered_layer,
+    unregister_layer,
+)
 
-__all__ = ["LayerType", "register_layer", "registered_layer", "unregister_layer"]
+__all__ = [
+    "CompositeType",
+    "LayerType",
+    "LinearPart",
+    "register_layer",
+    "registered_layer",
+    "unregister_layer",
+]

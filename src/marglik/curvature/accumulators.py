@@ -33,12 +33,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, Replay
 from marglik.curvature.columns import output_columns
 from marglik.curvature.kfac import exact_layer_diagonal, kfac_statistics, layer_sample_gradients
 from marglik.curvature.lanczos import ggn_matvec, lanczos
 from marglik.curvature.layers import LayerBatches, LayerMap, LayerRecord
 from marglik.curvature.per_sample import per_sample_column_grads, per_sample_column_grads_autograd
-from marglik.curvature.runtime import Replay, eval_mode
+from marglik.curvature.runtime import eval_mode
 from marglik.curvature.subsets import ParameterSubset
 from marglik.likelihoods import Likelihood
 from marglik.structures import CurvatureBlock, Dense, Diagonal, Kronecker, LowRank
@@ -61,6 +62,8 @@ class FitSpec:
     seed: int
     create_graph: bool
     dtype: torch.dtype  # accumulation dtype
+    dict_key_x: str = DICT_KEY_X  # dict batches (:mod:`marglik.curvature.batches`)
+    dict_key_y: str = DICT_KEY_Y
 
 
 class Sums:
@@ -252,7 +255,12 @@ class LowRankAccumulator(Accumulator):
         s = self.spec
         k = min(s.subset.size, s.rank or 100)
         mv = ggn_matvec(
-            s.model, s.likelihood, Replay(s.loader, s.model), s.subset, s.curvature, s.seed
+            s.model,
+            s.likelihood,
+            Replay(s.loader, s.model, s.dict_key_x, s.dict_key_y),
+            s.subset,
+            s.curvature,
+            s.seed,
         )
         with eval_mode(s.model, s.subset.names):
             vals, vecs = lanczos(

@@ -14,7 +14,13 @@ and the curvature sums for the requested structure, all-reduces them across rank
 Which modules are layers with closed forms comes from the layer registry
 (:mod:`marglik.curvature.registry`: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, and whatever
 is registered); the parameter → layer map from :func:`~marglik.curvature.layers.layer_map`,
-shared with the layer-wise predictive. Each structure is one accumulator
+shared with the layer-wise predictive. A registered layer that cannot be recorded on the first
+batch — its hooks did not fire (used through ``F.linear(x, m.weight)``, or unused), or its
+recorded gradients do not match autograd (weight also used outside the module) — is dropped
+from the recording with one warning naming it, and its parameters take the exact ``torch.func``
+path like any unregistered parameter (a diagonal block under ``"kron"``); a Linear that sees
+sequence-first inputs (L, N, D) is recorded with its batch in dimension 1. Each structure is
+one accumulator
 (:mod:`marglik.curvature.accumulators`) with the same interface: the loop here records the
 layers, backpropagates the accumulator's output columns to them and hands it the batch.
 
@@ -33,14 +39,16 @@ networks, and it keeps the graph of every batch in memory until the evidence is 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from marglik.curvature.accumulators import ACCUMULATORS, FitSpec, Sums
+from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, batches, call_model
 from marglik.curvature.columns import CURVATURES
 from marglik.curvature.kfac import KFAC_APPROXIMATIONS
 from marglik.curvature.layers import (
@@ -50,7 +58,13 @@ from marglik.curvature.layers import (
     layer_batches,
     layer_map,
 )
-from marglik.curvature.runtime import accumulation_dtype, batches, eval_mode
+from marglik.curvature.runtime import accumulation_dtype, eval_mode
+from marglik.curvature.silent import (
+    inconsistent_layers,
+    silent_layers,
+    silent_message,
+    without_layers,
+)
 from marglik.curvature.subsets import ParameterSubset
 from marglik.distributed import all_reduce_sum, is_distributed
 from marglik.likelihoods import Likelihood
@@ -90,6 +104,8 @@ def fit_curvature(
     seed: int = 0,
     progress: bool = False,
     create_graph: bool = False,
+    dict_key_x: str = DICT_KEY_X,
+    dict_key_y: str = DICT_KEY_Y,
 ) -> Curvature:
     """Accumulate the curvature of ``model`` under ``likelihood`` over ``loader``.
 
@@ -104,6 +120,8 @@ def fit_curvature(
             fixed; parameters outside the subset keep their ``requires_grad`` flags). Needs
             ``curvature="ggn"`` and ``structure`` ``"full" | "diag" | "kron"``; not available
             under ``torch.distributed``.
+        dict_key_x, dict_key_y: for batches that are dicts: the key whose tensor gives the
+            batch size and the key of the targets (see :mod:`marglik.curvature.batches`).
     """
     if structure not in STRUCTURES:
         raise ValueError(f"unknown hessian_structure {structure!r}: use one of {STRUCTURES}")
@@ -129,13 +147,7 @@ def fit_curvature(
     uses_layers = accumulator_type.uses_layers(create_graph)
     lmap = layer_map(model, subset) if uses_layers else LayerMap([], {})
     layers = lmap.layers
-    rest_names = [n for n in subset.names if n not in lmap.owner]
-    shapes = dict(zip(subset.names, subset.shapes))
-    rest = (
-        ParameterSubset(rest_names, [shapes[n] for n in rest_names], subset.index)
-        if rest_names
-        else None
-    )
+    rest = rest_subset(subset, lmap)
     acc = accumulation_dtype(model)
     sums = Sums(acc, keep_graph=create_graph)
     spec = FitSpec(
@@ -152,8 +164,10 @@ def fit_curvature(
         seed=seed,
         create_graph=create_graph,
         dtype=acc,
+        dict_key_x=dict_key_x,
+        dict_key_y=dict_key_y,
     )
-    accumulator = accumulator_type(spec, sums)
+    accumulator = None  # made after the first forward pass, once silent layers are known
 
     n_data = 0
     trainable = subset.names
@@ -162,11 +176,22 @@ def fit_curvature(
         trainable = [*subset.names, *(n for n, p in model.named_parameters() if p.requires_grad)]
         recorder_type = GraphLayerRecorder
     with eval_mode(model, trainable), recorder_type(layers) as recorder:
-        for x, y in tqdm(batches(loader, model), disable=not progress, desc="curvature"):
+        data = batches(loader, model, dict_key_x, dict_key_y)
+        for x, y in tqdm(data, disable=not progress, desc="curvature"):
             recorder.clear()
             grad_context = torch.enable_grad() if layers or create_graph else torch.no_grad()
             with grad_context:
-                f = model(x)
+                f = call_model(model, x)
+            if accumulator is None:
+                silent = silent_layers(layers)  # and layers mixing samples: exact path (§4)
+                silent += inconsistent_layers(f, [r for r in layers if not r.silent], model)
+                if silent:
+                    warnings.warn(silent_message(silent), stacklevel=3)
+                    recorder.remove(silent)
+                    layers = recorder.layers
+                    lmap = without_layers(lmap, silent)
+                    spec = replace(spec, layers=lmap, rest=rest_subset(subset, lmap))
+                accumulator = accumulator_type(spec, sums)
             fd, y = likelihood.validate(f if create_graph else f.detach(), y)
             for key, value in likelihood.statistics(fd, y).items():
                 sums.add("stat." + key, value)
@@ -177,7 +202,7 @@ def fit_curvature(
             recorded = layer_batches(f, layers, U, create_graph)
             del f  # the rest of the graph is not needed for the per-sample gradients
             accumulator.add_batch(x, fd, y, U, recorded)
-    if n_data == 0:
+    if n_data == 0 or accumulator is None:
         raise ValueError("the data loader is empty")
 
     totals = all_reduce_sum(sums.totals(n_data))
@@ -189,3 +214,10 @@ def fit_curvature(
                 f"curvature {key!r} contains NaN/inf values: check the model and data"
             )
     return Curvature(BlockDiagonal(accumulator.blocks(totals)), statistics, n_data)
+
+
+def rest_subset(subset: ParameterSubset, lmap: LayerMap) -> ParameterSubset | None:
+    """The subset's tensors that no recorded layer owns (the generic ``torch.func`` path)."""
+    names = [n for n in subset.names if n not in lmap.owner]
+    shapes = dict(zip(subset.names, subset.shapes))
+    return ParameterSubset(names, [shapes[n] for n in names], subset.index) if names else None

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
+from marglik.curvature.batches import Inputs, model_args
 from marglik.curvature.columns import output_columns
 from marglik.curvature.subsets import ParameterSubset
 from marglik.distributed import all_reduce_tensor
@@ -21,7 +22,7 @@ from marglik.likelihoods import Likelihood
 def ggn_matvec(
     model: nn.Module,
     likelihood: Likelihood,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Inputs, Tensor]],
     subset: ParameterSubset,
     curvature: str = "ggn",
     seed: int = 0,
@@ -47,8 +48,8 @@ def ggn_matvec(
         out = torch.zeros(total, dtype=v.dtype, device=v.device)
         for i, (x, y) in enumerate(batches):
 
-            def f(p: dict[str, Tensor], x: Tensor = x) -> Tensor:
-                return functional_call(model, p, (x,))
+            def f(p: dict[str, Tensor], x: Inputs = x) -> Tensor:
+                return functional_call(model, p, model_args(x))
 
             f0, Jv = jvp(f, (params,), (to_dict(v.to(next(iter(params.values())))),))
             f0, y = likelihood.validate(f0.detach(), y)

@@ -9,17 +9,31 @@ once per fit or predictive plan; the curvature engine and the layer-wise predict
 For each call of a layer we keep its input ``a`` as (N, R, D_in) — e.g. convolution inputs
 unfolded into patches — and later the gradients ``b`` of each output column w.r.t. the layer
 output as (K, N, R, D_out).
+
+A module registered as a :class:`~marglik.curvature.registry.CompositeType`
+(``nn.MultiheadAttention``) gives one record per linear part; while recording, its forward is
+replaced by the type's explicit forward, whose ``linear`` callback records each part (the
+instance attribute is removed again on exit, and torch's fused attention fast paths are
+switched off meanwhile, so they cannot bypass it).
+
+A layer whose hooks did not fire during a forward pass (called functionally, e.g.
+``F.linear(x, m.weight)``, or not used at all) is *silent*: :mod:`marglik.curvature.silent`
+finds it (and layers whose recording mixes samples), and the engine and the layer-wise
+predictive give its parameters the exact ``torch.func`` path instead (a zero Jacobian would be
+wrong whenever the weight is used some other way).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from marglik.curvature.registry import LayerType, layer_type
+from marglik.curvature.registry import LINEAR, CompositeType, LayerType, layer_type
 from marglik.curvature.subsets import ParameterSubset
 
 
@@ -38,11 +52,20 @@ class LayerRecord:
     kind: LayerType | None = None  # default: looked up in the registry
     inputs: list[Tensor] = field(default_factory=list)  # (N, R, D_in) per call
     outputs: list[Tensor] = field(default_factory=list)  # raw outputs per call (graph attached)
+    #: for a part of a composite module (``CompositeType``): the part's name, its composite
+    #: type, its full D_out, and per call the weight rows it used (None: all of them)
+    part: str | None = None
+    composite: CompositeType | None = None
+    d_out: int = 0
+    rows: list[tuple[int, int] | None] = field(default_factory=list)
+    #: 1 for a Linear that sees sequence-first inputs (L, N, D_in) (e.g. inside a
+    #: ``batch_first=False`` transformer layer); set by :func:`inconsistent_layers`
+    batch_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.kind is None:
             self.kind = layer_type(self.module)
-            if self.kind is None:
+            if not isinstance(self.kind, LayerType):
                 raise ValueError(
                     f"layer {self.name!r}: {type(self.module).__name__} is not a "
                     "registered layer type (marglik.curvature.registry)"
@@ -50,18 +73,43 @@ class LayerRecord:
 
     def empty_copy(self) -> LayerRecord:
         """The same layer with nothing recorded (for a recording of its own)."""
-        return LayerRecord(self.name, self.module, self.weight, self.bias, self.kind)
+        return LayerRecord(self.name, self.module, self.weight, self.bias, self.kind,
+                           part=self.part, composite=self.composite, d_out=self.d_out,
+                           batch_dim=self.batch_dim)
+
+    @property
+    def silent(self) -> bool:
+        """Whether nothing was recorded (the hooks did not fire)."""
+        return not self.outputs
 
     def data(self, grads: Iterator[Tensor]) -> tuple[Tensor, Tensor]:
         """(a (N, R, D_in), b (K, N, R, D_out)) over all recorded calls.
 
         Takes the next ``len(self.outputs)`` entries of ``grads``: the column gradients
         (K, *output.shape) w.r.t. each recorded output, in call order (see
-        :func:`backprop_columns`). Calls are concatenated along the positions R.
+        :func:`backprop_columns`). Calls are concatenated along the positions R; a call that
+        used only some rows of the weight (``rows``) gets its gradients zero-padded to D_out.
         """
-        a = torch.cat(self.inputs, 1)
-        b = torch.cat([self.kind.output_grads(self.module, next(grads)) for _ in self.outputs], 2)
-        return a, b
+        if self.silent:
+            raise ValueError(
+                f"layer {self.name!r} ({type(self.module).__name__}) ran on the first batch but "
+                "not on this one; its curvature cannot be recorded consistently (is it used "
+                "conditionally?): use hessian_structure='full' or exclude it"
+            )
+        inputs = self.inputs
+        if self.batch_dim == 1:  # (L, N, D_in) recorded as (L, R = N, D_in)
+            inputs = [a.transpose(0, 1) for a in inputs]
+        a = torch.cat(inputs, 1)
+        bs = []
+        for i in range(len(self.outputs)):
+            b = self.kind.output_grads(self.module, next(grads))
+            if self.batch_dim == 1:
+                b = b.transpose(1, 2)
+            rows = self.rows[i] if i < len(self.rows) else None
+            if rows is not None:
+                b = F.pad(b, (rows[0], self.d_out - rows[1]))
+            bs.append(b)
+        return a, torch.cat(bs, 2)
 
 
 @dataclass
@@ -82,31 +130,56 @@ def layer_map(model: nn.Module, subset: ParameterSubset) -> LayerMap:
     """Registered layers that own a parameter of the subset (whole tensors only).
 
     A subnetwork given by flat indices has no layers (every entry takes the generic path).
+    A composite module (``CompositeType``) gives one record per linear part, named
+    ``<module>.<part>``; a submodule whose parameters a part claims (``out_proj`` of
+    ``nn.MultiheadAttention``) is not a layer of its own.
     """
     if subset.index is not None:
         return LayerMap([], {})
     chosen = set(subset.names)
     records, owner = [], {}
-    for name, module in model.named_modules():
-        kind = layer_type(module)
-        if kind is None:
-            continue
-        prefix = f"{name}." if name else ""
-        weight = prefix + kind.weight
-        bias = prefix + kind.bias if kind.bias is not None else None
-        rec = LayerRecord(
-            name,
-            module,
-            weight if weight in chosen else None,
-            bias if bias in chosen else None,
-            kind,
-        )
+    claimed: set[str] = set()  # parameters of composite parts
+
+    def add(rec: LayerRecord) -> None:
         if rec.weight:
             owner[rec.weight] = (rec, "weight")
         if rec.bias:
             owner[rec.bias] = (rec, "bias")
         if rec.weight or rec.bias:
             records.append(rec)
+
+    for name, module in model.named_modules():
+        kind = layer_type(module)
+        if kind is None:
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(kind, CompositeType):
+            for part in kind.parts(module):
+                weight = prefix + part.weight
+                bias = prefix + part.bias if part.bias is not None else None
+                claimed.update(n for n in (weight, bias) if n)
+                add(LayerRecord(
+                    prefix + part.name,
+                    module,
+                    weight if weight in chosen else None,
+                    bias if bias in chosen else None,
+                    LINEAR,
+                    part=part.name,
+                    composite=kind,
+                    d_out=module.get_parameter(part.weight).shape[0],
+                ))
+            continue
+        weight = prefix + kind.weight
+        bias = prefix + kind.bias if kind.bias is not None else None
+        if weight in claimed or bias in claimed:
+            continue
+        add(LayerRecord(
+            name,
+            module,
+            weight if weight in chosen else None,
+            bias if bias in chosen else None,
+            kind,
+        ))
     return LayerMap(records, owner)
 
 
@@ -138,35 +211,87 @@ class LayerRecorder:
     def __init__(self, layers: list[LayerRecord]):
         self.layers = layers
         self.handles: list = []
+        self.patched: list[tuple[nn.Module, object]] = []  # composite modules, their own forward
+        self.fastpath: bool | None = None
 
     def __enter__(self) -> LayerRecorder:
+        composites: dict[nn.Module, dict[str, LayerRecord]] = {}
         for rec in self.layers:
-            self.handles.append(rec.module.register_forward_hook(self._hook(rec)))
+            if rec.composite is not None:
+                composites.setdefault(rec.module, {})[rec.part] = rec
+            else:
+                self.handles.append(rec.module.register_forward_hook(self._hook(rec)))
+        for module, parts in composites.items():
+            own = module.__dict__.get("forward", _MISSING)
+            self.patched.append((module, own))
+            kind = next(iter(parts.values())).composite
+            module.forward = functools.partial(kind.forward, module, self._linear(parts))
+        if composites:  # fused attention kernels would bypass the explicit forward
+            self.fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for module, own in reversed(self.patched):
+            if own is _MISSING:
+                del module.forward
+            else:
+                module.forward = own
+        self.patched.clear()
+        if self.fastpath is not None:
+            torch.backends.mha.set_fastpath_enabled(self.fastpath)
+            self.fastpath = None
+
+    def remove(self, drop: list[LayerRecord]) -> None:
+        """Stop recording the given layers (silent ones), keeping the others' hooks.
+
+        Rebuilds the hooks and forwards for the remaining layers.
+        """
+        ids = {id(rec) for rec in drop}
+        self.__exit__(None, None, None)
+        self.layers = [rec for rec in self.layers if id(rec) not in ids]
+        self.__enter__()
+
+    def _record(self, rec: LayerRecord, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        if self.detach_inputs:
+            args = tuple(t.detach() if isinstance(t, Tensor) else t for t in args)
+        rec.inputs.append(rec.kind.inputs(rec.module, args))
+        if self.leaf_outputs and not output.requires_grad:
+            output = output.detach().requires_grad_(True)
+        rec.outputs.append(output)
+        return output.clone()
 
     def _hook(self, rec: LayerRecord):
-        inputs_of, detach, leaf = rec.kind.inputs, self.detach_inputs, self.leaf_outputs
+        record = self._record
 
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            if detach:
-                args = tuple(t.detach() if isinstance(t, Tensor) else t for t in args)
-            rec.inputs.append(inputs_of(module, args))
-            if leaf and not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            rec.outputs.append(output)
-            return output.clone()
+            return record(rec, args, output)
 
         return hook
+
+    def _linear(self, parts: dict[str, LayerRecord]):
+        """The ``linear`` callback of a composite module's explicit forward."""
+        record = self._record
+
+        def linear(part: str, x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                   rows: tuple[int, int] | None = None) -> Tensor:
+            out = F.linear(x, weight, bias)
+            rec = parts.get(part)
+            if rec is None:  # the part is not in the subset
+                return out
+            rec.rows.append(rows)
+            return record(rec, (x,), out)
+
+        return linear
 
     def clear(self) -> None:
         for rec in self.layers:
             rec.inputs.clear()
             rec.outputs.clear()
+            rec.rows.clear()
 
 
 class GraphLayerRecorder(LayerRecorder):
@@ -177,6 +302,9 @@ class GraphLayerRecorder(LayerRecorder):
     """
 
     detach_inputs = False
+
+
+_MISSING = object()
 
 
 def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
@@ -191,7 +319,7 @@ def output_grads(module: nn.Module, g: Tensor) -> Tensor:
 
 def _kind(module: nn.Module) -> LayerType:
     kind = layer_type(module)
-    if kind is None:
+    if not isinstance(kind, LayerType):
         raise ValueError(f"{type(module).__name__} is not a registered layer type")
     return kind
 

@@ -10,16 +10,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from marglik.curvature.batches import Inputs, call_model, model_args, slice_inputs, tree_map
 from marglik.curvature.subsets import ParameterSubset
 
 
 def per_sample_column_grads(
-    model: nn.Module, subset: ParameterSubset, x: Tensor, U: Tensor, max_elements: int = 2**26
+    model: nn.Module, subset: ParameterSubset, x: Inputs, U: Tensor, max_elements: int = 2**26
 ) -> Tensor:
     """Gradients of U_k,n · f(x_n) w.r.t. the subset: (K, N, P).
 
     Args:
-        x: inputs (N, ...).
+        x: inputs (N, ...): a tensor, or a dict / tuple of tensors sharing the batch dimension
+            (:mod:`marglik.curvature.batches`); vmap maps over every tensor in it.
         U: output columns (K, N, *S, C) (see :func:`~marglik.curvature.columns.output_columns`).
         max_elements: chunk over samples so that one chunk holds at most this many numbers.
     """
@@ -27,26 +29,28 @@ def per_sample_column_grads(
     width = sum(p.numel() for p in params.values())
     chunk = max(1, max_elements // max(1, U.shape[0] * width))
 
-    def sample_grads(x_n: Tensor, U_n: Tensor) -> dict[str, Tensor]:
+    def sample_grads(x_n: Inputs, U_n: Tensor) -> dict[str, Tensor]:
         def f_single(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, p, (x_n.unsqueeze(0),)).squeeze(0)
+            x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
+            return functional_call(model, p, model_args(x1)).squeeze(0)
 
         _, vjp_fn = vjp(f_single, params)
         return vmap(lambda u: vjp_fn(u)[0])(U_n)
 
     out = []
-    for start in range(0, x.shape[0], chunk):
+    for start in range(0, U.shape[1], chunk):
         grads = vmap(sample_grads)(
-            x[start : start + chunk], U[:, start : start + chunk].transpose(0, 1)
+            slice_inputs(x, start, start + chunk), U[:, start : start + chunk].transpose(0, 1)
         )
-        flat = torch.cat([g.flatten(2) for g in grads.values()], dim=2)  # (n, K, width)
+        # (n, K, width); reshape, not flatten(2): a 0-d parameter's gradients are (n, K)
+        flat = torch.cat([g.reshape(*g.shape[:2], -1) for g in grads.values()], dim=2)
         out.append(flat.transpose(0, 1))
     G = torch.cat(out, dim=1)
     return G if subset.index is None else G[..., subset.index]
 
 
 def per_sample_column_grads_autograd(
-    model: nn.Module, subset: ParameterSubset, x: Tensor, U: Tensor
+    model: nn.Module, subset: ParameterSubset, x: Inputs, U: Tensor
 ) -> Tensor:
     """:func:`per_sample_column_grads` with plain autograd, differentiable: (K, N, P).
 
@@ -58,8 +62,8 @@ def per_sample_column_grads_autograd(
     """
     params = list(subset.parameters(model).values())
     samples = []
-    for n in range(x.shape[0]):
-        f_n = model(x[n : n + 1])
+    for n in range(U.shape[1]):
+        f_n = call_model(model, slice_inputs(x, n, n + 1))
         columns = []
         for k in range(U.shape[0]):
             grads = torch.autograd.grad(

@@ -20,13 +20,25 @@ curvature engine and the layer-wise predictive need is generic in (a, b)
 So a module type only has to say how to form a (N, R, D_in) from its forward arguments and how
 to lay out gradients w.r.t. its output as (K, N, R, D_out). ``nn.Linear`` (any leading dims:
 the middle ones are positions) and ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and zero
-padding (unfolded patches) are registered here; other types register with
-:func:`register_layer` without touching the engine::
+padding (unfolded patches) are registered here, and ``nn.MultiheadAttention`` as a
+:class:`CompositeType` (below); other types register with :func:`register_layer` without
+touching the engine::
 
     register_layer(MyBilinear, LayerType(
         inputs=lambda m, args: torch.einsum("ni,nj->nij", *args).flatten(1)[:, None],
         output_grads=lambda m, g: g[:, :, None],
     ))
+
+A module whose parameters act as several linear maps *inside* its forward, through functional
+calls no hook can see (``nn.MultiheadAttention``: the packed ``in_proj_weight`` and
+``out_proj.weight`` are passed to a functional attention), registers a :class:`CompositeType`:
+a list of :class:`LinearPart` (weight and bias of each linear map) and an explicit forward that
+computes the same outputs with every linear map made through a callback
+``linear(part, x, weight, bias, rows)``. While a fit or a layer-wise predictive records, the
+module's forward is replaced by that explicit forward (and restored exactly afterwards), so each
+part is recorded like a Linear layer: a (N, R, D_in) and output gradients (K, N, R, D_out).
+``nn.MultiheadAttention`` is registered this way (see :func:`mha_forward` for the KFAC
+definition of its projections).
 
 Lookups go through the module's MRO: the entry of the most specific registered class decides,
 and if its ``applies`` is False the module is unsupported (its parameters then take the generic
@@ -39,7 +51,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -73,10 +87,60 @@ class LayerType:
     bias: str | None = "bias"
 
 
-_REGISTRY: dict[type[nn.Module], LayerType] = {}
+class LinearCall(Protocol):
+    """The callback a :class:`CompositeType` forward makes every linear map through."""
+
+    def __call__(self, part: str, x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 rows: tuple[int, int] | None = None) -> Tensor:
+        """``F.linear(x, weight, bias)`` for x (N, *positions, D_in), batch first.
+
+        ``rows``: the map uses only rows ``[lo, hi)`` of the part's weight (``weight`` is that
+        slice); its output gradients are zero-padded to the part's full D_out.
+        """
 
 
-def register_layer(module_type: type[nn.Module], layer_type: LayerType) -> LayerType | None:
+@dataclass(frozen=True)
+class LinearPart:
+    """One linear map of a :class:`CompositeType`, out = x Wᵀ (+ b) at R positions.
+
+    Attributes:
+        name: name of the part (the recorded layer is called ``<module name>.<name>``).
+        weight: path of W (D_out, D_in) relative to the module (``"in_proj_weight"``,
+            ``"out_proj.weight"``).
+        bias: path of its bias (D_out,), or None.
+    """
+
+    name: str
+    weight: str
+    bias: str | None = None
+
+
+@dataclass(frozen=True)
+class CompositeType:
+    """A module type with several linear maps applied functionally inside its forward.
+
+    Attributes:
+        parts: ``module -> [LinearPart, ...]``: the linear maps of this instance. Parameters
+            named by a part belong to it, also when they sit in a submodule (e.g. the unused
+            ``out_proj`` Linear of ``nn.MultiheadAttention``): that submodule is then not a
+            layer of its own.
+        forward: ``(module, linear, *args, **kwargs) -> output``: the module's forward with
+            every linear map of a part computed as ``linear(part_name, x, W, b, rows)``
+            (:class:`LinearCall`); it must give the module's outputs exactly.
+        applies: whether a given instance fits (else its parameters take the generic path).
+    """
+
+    parts: Callable[[nn.Module], list[LinearPart]]
+    forward: Callable[..., Any]
+    applies: Callable[[nn.Module], bool] = always
+
+
+_REGISTRY: dict[type[nn.Module], LayerType | CompositeType] = {}
+
+
+def register_layer(
+    module_type: type[nn.Module], layer_type: LayerType | CompositeType
+) -> LayerType | CompositeType | None:
     """Register (or override) how ``module_type`` and its subclasses are factored.
 
     Overriding replaces the entry for exactly this class (e.g. ``nn.Linear``); a subclass can
@@ -88,20 +152,24 @@ def register_layer(module_type: type[nn.Module], layer_type: LayerType) -> Layer
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
-    if not isinstance(layer_type, LayerType):
-        raise TypeError(f"layer_type must be a LayerType, got {type(layer_type).__name__}")
+    if not isinstance(layer_type, (LayerType, CompositeType)):
+        raise TypeError(
+            f"layer_type must be a LayerType or CompositeType, got {type(layer_type).__name__}"
+        )
     previous = _REGISTRY.get(module_type)
     _REGISTRY[module_type] = layer_type
     return previous
 
 
-def unregister_layer(module_type: type[nn.Module]) -> LayerType | None:
+def unregister_layer(module_type: type[nn.Module]) -> LayerType | CompositeType | None:
     """Remove the entry for exactly ``module_type``; returns it (None if there was none)."""
     return _REGISTRY.pop(module_type, None)
 
 
 @contextmanager
-def registered_layer(module_type: type[nn.Module], layer_type: LayerType) -> Iterator[None]:
+def registered_layer(
+    module_type: type[nn.Module], layer_type: LayerType | CompositeType
+) -> Iterator[None]:
     """Register ``layer_type`` for the duration of a ``with`` block, then restore the registry."""
     previous = register_layer(module_type, layer_type)
     try:
@@ -113,7 +181,7 @@ def registered_layer(module_type: type[nn.Module], layer_type: LayerType) -> Ite
             register_layer(module_type, previous)
 
 
-def layer_type(module: nn.Module) -> LayerType | None:
+def layer_type(module: nn.Module) -> LayerType | CompositeType | None:
     """The entry of the most specific registered class in ``type(module).__mro__``, if it
     applies to this instance; None for an unsupported module."""
     for cls in type(module).__mro__:
@@ -182,3 +250,111 @@ CONV2D = LayerType(_conv2d_inputs, _conv_output_grads, _conv_applies)
 register_layer(nn.Linear, LINEAR)
 register_layer(nn.Conv1d, CONV1D)
 register_layer(nn.Conv2d, CONV2D)
+
+
+# ------------------------------------------------------------------------- multi-head attention
+def _mha_parts(module: nn.Module) -> list[LinearPart]:
+    bias = "in_proj_bias" if module.in_proj_bias is not None else None
+    out_bias = "out_proj.bias" if module.out_proj.bias is not None else None
+    if module._qkv_same_embed_dim:
+        parts = [LinearPart("in_proj", "in_proj_weight", bias)]
+    else:  # the packed bias spans three weights: it takes the generic path
+        parts = [LinearPart(f"{p}_proj", f"{p}_proj_weight") for p in "qkv"]
+    return [*parts, LinearPart("out_proj", "out_proj.weight", out_bias)]
+
+
+def mha_forward(
+    module: nn.MultiheadAttention,
+    linear: LinearCall,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``nn.MultiheadAttention.forward`` with its projections made explicit (and hookable).
+
+    The q/k/v projections and the output projection are computed through ``linear`` on
+    batch-first tensors (N, L, E); everything in between (heads, masks, ``bias_k``/``bias_v``,
+    ``add_zero_attn``, dropout, ``is_causal``, the attention weights) is
+    ``F.multi_head_attention_forward`` itself, called with identity projections (x Iᵀ = x
+    exactly in floating point) and always on its explicit softmax path (``need_weights=True``;
+    the weights are returned only if asked for), which ``torch.func`` batches and which can be
+    differentiated twice (CPU flash attention cannot). Outputs equal the module's slow path and
+    its fast path (``torch._native_multi_head_attention``) to rounding.
+
+    KFAC of the parts (Eschenhagen et al., NeurIPS 2023; expand or reduce over the tokens):
+
+    - ``in_proj`` (packed ``in_proj_weight`` (3E, E) and ``in_proj_bias``), self-attention
+      (``query is key is value``, as in ``nn.TransformerEncoderLayer``): one linear map with 3E
+      outputs at the L tokens, a_r = x_r, b_r = ∂/∂(q_r, k_r, v_r) — what a model with an
+      explicit ``nn.Linear(E, 3E)`` gets;
+    - ``in_proj`` with different query / key / value (cross-attention): the three maps at the
+      L query and S key/value tokens, as one map with 3E outputs at L + 2S positions whose
+      output gradient is zero outside the map's own rows: A averages x xᵀ over all L + 2S
+      inputs, G = blockdiag(G_q, G_k, G_v);
+    - ``q_proj``/``k_proj``/``v_proj`` (``kdim``/``vdim`` ≠ E: separate weights, no bias; the
+      packed ``in_proj_bias`` takes the generic exact path), each a Linear at its tokens;
+    - ``out_proj``: a Linear at the L tokens.
+
+    Per-sample gradients Σ_r b aᵀ, hence exact diagonals, full GGNs and the layer-wise
+    predictive, are exact in every case. ``bias_k`` / ``bias_v`` take the generic path.
+    """
+    m = module
+    is_batched = query.dim() == 3
+    E = m.embed_dim
+
+    def batch_first(t: Tensor) -> Tensor:  # module layout -> (N, L, E)
+        if not is_batched:
+            return t.unsqueeze(0)
+        return t if m.batch_first else t.transpose(0, 1)
+
+    def seq_first(t: Tensor) -> Tensor:  # (N, L, E) -> F.multi_head_attention_forward layout
+        return t.transpose(0, 1) if is_batched else t.squeeze(0)
+
+    if m._qkv_same_embed_dim:
+        W, b = m.in_proj_weight, m.in_proj_bias
+        if query is key and key is value:
+            q, k, v = linear("in_proj", batch_first(query), W, b).chunk(3, -1)
+        else:
+            Ws = W.chunk(3)
+            bs = b.chunk(3) if b is not None else (None, None, None)
+            q, k, v = (
+                linear("in_proj", batch_first(t), Ws[j], bs[j], (j * E, (j + 1) * E))
+                for j, t in enumerate((query, key, value))
+            )
+    else:
+        bs = m.in_proj_bias.chunk(3) if m.in_proj_bias is not None else (None, None, None)
+        q, k, v = (
+            linear(f"{p}_proj", batch_first(t), getattr(m, f"{p}_proj_weight"), bj)
+            for p, t, bj in zip("qkv", (query, key, value), bs)
+        )
+    eye = torch.eye(E, dtype=q.dtype, device=q.device)
+    attn, weights = F.multi_head_attention_forward(
+        seq_first(q), seq_first(k), seq_first(v), E, m.num_heads,
+        None, None, m.bias_k, m.bias_v, m.add_zero_attn, m.dropout,
+        eye, None,
+        training=m.training,
+        key_padding_mask=key_padding_mask,
+        need_weights=True,  # the explicit softmax path: double backward and vmap work
+        attn_mask=attn_mask,
+        use_separate_proj_weight=True,
+        q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+        average_attn_weights=average_attn_weights,
+        is_causal=is_causal,
+    )
+    attn = attn.transpose(0, 1) if is_batched else attn.unsqueeze(0)  # (N, L, E)
+    out = linear("out_proj", attn, m.out_proj.weight, m.out_proj.bias)
+    if not need_weights:
+        weights = None
+    if not is_batched:
+        return out.squeeze(0), weights
+    return (out if m.batch_first else out.transpose(0, 1)), weights
+
+
+MULTIHEAD_ATTENTION = CompositeType(_mha_parts, mha_forward)
+
+register_layer(nn.MultiheadAttention, MULTIHEAD_ATTENTION)

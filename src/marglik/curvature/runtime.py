@@ -1,56 +1,104 @@
-"""What every pass over the data shares: eval mode, the accumulation dtype, device-ready batches."""
+"""What every pass over the data shares: eval mode with the model left exactly as it was, the
+accumulation dtype, device-ready batches.
+
+Batches live in :mod:`marglik.curvature.batches`; ``batches`` and ``Replay`` are re-exported here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from marglik.curvature.batches import Replay, batches
+
+__all__ = ["Replay", "accumulation_dtype", "batches", "eval_mode", "preserved"]
+
+
+#: hook dictionaries of an ``nn.Module`` that a forward or backward pass runs
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+#: ids of the models whose buffers an enclosing :func:`preserved` already saved
+_SAVED_BUFFERS: set[int] = set()
 
 
 @contextmanager
-def eval_mode(model: nn.Module, requires_grad: Collection[str] = ()) -> Iterator[None]:
-    """Eval mode, gradients only for the named parameters; both restored exactly afterwards."""
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Leave ``model`` exactly as it was: restore on exit what passes inside may change.
+
+    Restored: the ``training`` flag of every submodule, ``requires_grad`` of every parameter,
+    every buffer's value (BatchNorm running statistics, ``num_batches_tracked``; copied back in
+    place, so the buffer tensors keep their identity, and only where they changed, so graphs that
+    saved them stay valid) and the hook dictionaries (hooks added inside and left behind are
+    removed; the user's hooks stay). Buffers are cloned once: a nested :func:`preserved` on the
+    same model (e.g. per batch inside a fit) only saves the flags.
+    """
     modes = {m: m.training for m in model.modules()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    chosen = set(requires_grad)
-    model.eval()
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in chosen)
+    hooks = {
+        (m, attr): set(getattr(m, attr).keys())
+        for m in model.modules()
+        for attr in _HOOK_DICTS
+        if hasattr(m, attr)
+    }
+    key = id(model)
+    outer = key not in _SAVED_BUFFERS
+    saved: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
+    if outer:
+        with torch.no_grad():
+            saved = [
+                (m, name, b, b.detach().clone())
+                for m in model.modules()
+                for name, b in m._buffers.items()
+                if b is not None
+            ]
+        _SAVED_BUFFERS.add(key)
     try:
         yield
     finally:
+        if outer:
+            _SAVED_BUFFERS.discard(key)
+            with torch.no_grad():
+                for m, name, tensor, value in saved:
+                    if m._buffers.get(name) is not tensor:  # reassigned: put the original back
+                        m._buffers[name] = tensor
+                    if tensor.shape != value.shape:
+                        tensor.set_(value)
+                    elif not torch.equal(tensor, value):
+                        tensor.copy_(value)
         for m, training in modes.items():
             m.training = training
         for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
+            if n in flags:
+                p.requires_grad_(flags[n])
+        for (m, attr), keys in hooks.items():
+            d = getattr(m, attr)
+            for k in [k for k in d if k not in keys]:
+                del d[k]
+
+
+@contextmanager
+def eval_mode(model: nn.Module, requires_grad: Collection[str] | None = ()) -> Iterator[None]:
+    """Eval mode, gradients only for the named parameters (``None``: flags left as they are),
+    inside :func:`preserved`: modes, ``requires_grad`` flags, buffers and hooks are restored
+    exactly afterwards."""
+    with preserved(model):
+        model.eval()
+        if requires_grad is not None:
+            chosen = set(requires_grad)
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in chosen)
+        yield
 
 
 def accumulation_dtype(model: nn.Module) -> torch.dtype:
     """At least float32 for curvature sums; float64 if the model is float64."""
     dtype = next(model.parameters()).dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def batches(loader: Iterable, model: nn.Module) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (x, y) moved to the model's device (floating x cast to its dtype), checking x."""
-    param = next(model.parameters())
-    for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("the data loader must yield (x, y) pairs")
-        x, y = batch
-        x = x.to(param.device, param.dtype if x.is_floating_point() else None)
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError(f"inputs contain {int((~torch.isfinite(x)).sum())} NaN/inf values")
-        yield x, y.to(param.device)
-
-
-class Replay:
-    """Re-iterable view of a loader as device-ready (x, y) batches."""
-
-    def __init__(self, loader: Iterable, model: nn.Module):
-        self.loader, self.model = loader, model
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return batches(self.loader, self.model)

@@ -7,10 +7,14 @@ The posterior's parameter vector θ is that concatenation (restricted to ``index
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from marglik.curvature.batches import call_model
+from marglik.curvature.runtime import eval_mode
 
 
 @dataclass
@@ -84,11 +88,13 @@ def select_subset(
 
     Args:
         model: the network.
-        subset_of_weights: ``"all"`` (every parameter), ``"last_layer"`` (the parameters of the
-            last module that runs in the forward pass, or of ``last_layer_name``),
-            ``"subnetwork"`` (``subnetwork`` = module or parameter names, a boolean mask over
-            all parameters flattened, or flat indices) or ``"requires_grad"`` (parameters with
-            ``requires_grad=True``, e.g. LoRA adapters).
+        subset_of_weights: ``"all"`` (the parameters with ``requires_grad=True``, as in
+            laplace-torch ≥ 0.2; every parameter when none requires grad), ``"last_layer"``
+            (the own parameters of the last module other than the model itself that runs in the
+            forward pass and owns parameters, see :func:`find_last_layer`; or the parameters of
+            the module ``last_layer_name``), ``"subnetwork"`` (``subnetwork`` = module or
+            parameter names, a boolean mask over all parameters flattened, or flat indices) or
+            ``"requires_grad"`` (parameters with ``requires_grad=True``, e.g. LoRA adapters).
         example_input: a batch used to find the last layer by running the model once.
     """
     named = list(model.named_parameters())
@@ -101,17 +107,15 @@ def select_subset(
             raise ValueError(f"subset_of_weights={subset_of_weights!r} selects no parameters")
         return ParameterSubset(names, [shapes[n] for n in names], index)
 
-    if subset_of_weights == "all":
-        return by_names([n for n, _ in named])
+    if subset_of_weights == "all":  # frozen weights are not weights of the posterior
+        trainable = [n for n, p in named if p.requires_grad]
+        return by_names(trainable or [n for n, _ in named])
     if subset_of_weights == "requires_grad":
         return by_names([n for n, p in named if p.requires_grad])
     if subset_of_weights == "last_layer":
-        name = (
-            last_layer_name
-            if last_layer_name is not None
-            else find_last_layer(model, example_input)
-        )
-        return by_names(module_parameter_names(model, [name]))
+        if last_layer_name is not None:
+            return by_names(module_parameter_names(model, [last_layer_name]))
+        return by_names(own_parameter_names(model, find_last_layer(model, example_input)))
     if subset_of_weights == "subnetwork":
         if subnetwork is None:
             raise ValueError(
@@ -149,22 +153,57 @@ def module_parameter_names(model: nn.Module, module_names: list[str]) -> list[st
     return [n for n in params if n in exact or any(n.startswith(p) for p in prefixes)]
 
 
+def own_parameter_names(model: nn.Module, module_name: str) -> list[str]:
+    """Full names of the parameters the named module owns itself (not its submodules')."""
+    module = model.get_submodule(module_name)
+    prefix = module_name + "." if module_name else ""
+    return [prefix + n for n, _ in module.named_parameters(recurse=False)]
+
+
 def find_last_layer(model: nn.Module, example_input: Tensor | None) -> str:
-    """Name of the last module with its own parameters that runs in a forward pass."""
+    """Name of the last module that runs in a forward pass and owns parameters itself.
+
+    The model itself is never taken, nor a module whose own parameters are every parameter of
+    the model: either would make the "last layer" the whole network. Parameters owned by the
+    top-level module (a learned temperature, say) are left out with a warning naming them. The
+    forward pass runs in eval mode with the model's state restored afterwards.
+    """
     if example_input is None:
         raise ValueError("finding the last layer needs data: call fit() or give last_layer_name=")
-    called: list[str] = []
-    handles = [
-        module.register_forward_hook(lambda m, i, o, name=name: called.append(name))
+    all_names = {n for n, _ in model.named_parameters()}
+    root_owned = [n for n, _ in model.named_parameters(recurse=False)]
+    candidates = {
+        name: module
         for name, module in model.named_modules()
-        if any(True for _ in module.parameters(recurse=False))
-    ]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
+        if module is not model
+        and (own := own_parameter_names(model, name))
+        and set(own) != all_names
+    }
+    if not candidates:
+        owner = "the model itself" if root_owned else "a single module"
+        raise ValueError(
+            f"cannot find a last layer: the parameters belong to {owner}, so the last layer "
+            "would be the whole model; use subset_of_weights='all', or give last_layer_name= "
+            "or a subnetwork"
+        )
+    called: list[str] = []
+    with eval_mode(model), torch.no_grad():
+        handles = [
+            module.register_forward_hook(lambda m, i, o, name=name: called.append(name))
+            for name, module in candidates.items()
+        ]
+        try:
+            call_model(model, example_input)
+        finally:
+            for h in handles:
+                h.remove()
     if not called:
         raise ValueError("no module with parameters ran in the forward pass")
+    if root_owned:
+        warnings.warn(
+            f"parameters {root_owned} belong to the model itself, not to a layer: they are "
+            f"left out of the last layer {called[-1]!r} (give last_layer_name= or "
+            "subset_of_weights='subnetwork' to include them)",
+            stacklevel=3,  # find_last_layer < Laplace.fit < the caller
+        )
     return called[-1]

@@ -21,12 +21,17 @@ gets the predictive and the evidence optimisation by implementing this class.
 
 from __future__ import annotations
 
+import math
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from marglik.curvature.engine import batches, eval_mode
 from marglik.evidence.optimize import optimize_hyperparameters
 from marglik.likelihoods import Gaussian, Likelihood
 from marglik.likelihoods.gaussian import check_sigma
@@ -65,7 +70,11 @@ class Posterior(ABC):
     @abstractmethod
     def log_marginal_likelihood(self, prior_precision: Tensor | None = None,
                                 sigma_noise: Tensor | None = None) -> Tensor:
-        """log p(D) (0-d), differentiable in ``prior_precision`` and ``sigma_noise``."""
+        """log p(D) (0-d), differentiable in ``prior_precision`` and ``sigma_noise``.
+
+        Values passed are kept (detached) as the posterior's ``prior_precision`` and
+        ``sigma_noise``, as laplace-torch does, so predictions use the last evaluated ones.
+        """
 
     @abstractmethod
     def functional_moments(self, x: Tensor, joint: bool = False, chunk_size: int | None = None,
@@ -150,30 +159,237 @@ class Posterior(ABC):
         lr: float = 0.1,
         init_prior_prec: float | Tensor | None = None,
         progress: bool = False,
+        *,
+        pred_type: str = "glm",
+        val_loader: Iterable | None = None,
+        loss: Callable[..., Any] | None = None,
+        log_prior_prec_min: float = -4.0,
+        log_prior_prec_max: float = 4.0,
+        grid_size: int = 100,
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
     ) -> dict[str, list]:
-        """Maximise the evidence over δ (and σ) by Adam in log space (:mod:`marglik.evidence`).
+        """Tune δ (and σ) post hoc: by the evidence (``"marglik"``) or on validation data.
+
+        ``"marglik"`` maximises the evidence over δ (and σ) by Adam in log space
+        (:mod:`marglik.evidence`). ``"gridsearch"`` (laplace-torch's) tries the scalar δ
+        ``torch.logspace(log_prior_prec_min, log_prior_prec_max, grid_size)`` (base 10) and keeps
+        the one whose predictive ``la(x, pred_type, link_approx, n_samples)`` has the lowest
+        ``loss`` on ``val_loader``; δ where the posterior cannot be formed count as +inf.
 
         Args:
-            method: ``"marglik"`` (the only one).
-            prior_structure: ``"scalar" | "layerwise" | "diagonal"``; default keeps δ's shape.
-            tune_sigma: also learn σ (regression only, scalar σ).
+            method: ``"marglik"`` or ``"gridsearch"``.
+            prior_structure: ``"scalar" | "layerwise" | "diagonal"`` (``"diag"`` too); default
+                keeps δ's shape. Grid search searches a scalar δ.
+            tune_sigma: also learn σ (regression only, scalar σ; ``"marglik"`` only).
             n_steps, lr: Adam steps and learning rate.
             init_prior_prec: starting δ (default: the current one, broadcast to the shape).
+            progress, progress_bar: show a progress bar.
+            pred_type, link_approx, n_samples: the predictive scored by grid search (ignored by
+                ``"marglik"``, as in laplace-torch).
+            val_loader: validation batches (x, y) for grid search.
+            loss: validation loss for grid search, lower is better. Default: the mean negative
+                log predictive density — categorical / Bernoulli for classification, Gaussian
+                with covariance f_var + σ²I for regression (laplace-torch scores regression by
+                MSE, which the GLM predictive's mean does not depend on). A callable gets the
+                whole validation set, ``loss(probs, y)`` for classification and
+                ``loss(f_mean, f_var, y)`` (f_var without σ²) for regression; an object with
+                ``reset``/``update``/``compute`` (a torchmetrics ``Metric``) is updated batch by
+                batch as in laplace-torch.
+            log_prior_prec_min, log_prior_prec_max, grid_size: the grid (log10 δ).
+            verbose: print the chosen δ.
 
         Returns:
-            history with per-step ``"log_marglik"``, ``"prior_precision"``, ``"sigma_noise"``.
+            ``"marglik"``: per-step ``"log_marglik"``, ``"prior_precision"``, ``"sigma_noise"``;
+            ``"gridsearch"``: per grid point ``"prior_precision"`` and ``"loss"``.
         """
-        if method != "marglik":
-            raise ValueError(f"unknown method {method!r}: only 'marglik' is available")
-        return optimize_hyperparameters(
-            self, prior_structure, tune_sigma, n_steps, lr, init_prior_prec, progress
+        progress = progress or progress_bar
+        if prior_structure == "diag":  # laplace-torch's name
+            prior_structure = "diagonal"
+        if method == "marglik":
+            if val_loader is not None:
+                warnings.warn(
+                    "val_loader is ignored by method='marglik': did you mean "
+                    "method='gridsearch'?",
+                    stacklevel=2,
+                )
+            history = optimize_hyperparameters(
+                self, prior_structure, tune_sigma, n_steps, lr, init_prior_prec, progress
+            )
+        elif method == "gridsearch":
+            if val_loader is None:
+                raise ValueError("method='gridsearch' needs a validation loader: val_loader=...")
+            if tune_sigma:
+                raise ValueError("tune_sigma needs method='marglik'")
+            if prior_structure not in (None, "scalar"):
+                raise ValueError(
+                    f"method='gridsearch' searches a scalar prior precision, not "
+                    f"prior_structure={prior_structure!r}"
+                )
+            if not isinstance(grid_size, int) or grid_size < 1:
+                raise ValueError(f"grid_size must be a positive integer, got {grid_size!r}")
+            history = self._gridsearch(
+                val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size,
+                pred_type, link_approx, n_samples, progress,
+            )
+        else:
+            hint = (
+                " (pred_type is a keyword here: optimize_prior_precision(pred_type=...))"
+                if method in ("glm", "nn") else ""
+            )
+            raise ValueError(
+                f"unknown method {method!r}: use 'marglik' or 'gridsearch'{hint}"
+            )
+        if verbose:
+            print(f"Optimized prior precision is {self.prior_precision}.")
+        return history
+
+    def _gridsearch(
+        self,
+        val_loader: Iterable,
+        loss: Callable[..., Any] | None,
+        log_min: float,
+        log_max: float,
+        grid_size: int,
+        pred_type: str,
+        link_approx: str,
+        n_samples: int,
+        progress: bool,
+    ) -> dict[str, list]:
+        self.require_fit()
+        classify = self.likelihood.task in ("classification", "binary")
+        grid = torch.logspace(log_min, log_max, grid_size, dtype=torch.float64)
+        keys = {k: getattr(self, k) for k in ("dict_key_x", "dict_key_y") if hasattr(self, k)}
+        data = list(batches(val_loader, self.model, **keys))
+        if not data:
+            raise ValueError("the validation loader is empty")
+        before = self.prior_precision
+        losses: list[float] = []
+        try:
+            for delta in tqdm(grid, disable=not progress, desc="grid search"):
+                self.prior_precision = delta.to(self.dtype)
+                try:
+                    value = self._validation_loss(
+                        data, loss, classify, pred_type, link_approx, n_samples
+                    )
+                except torch.linalg.LinAlgError:  # e.g. a Cholesky factor of a singular matrix
+                    value = math.inf
+                losses.append(value if math.isfinite(value) else math.inf)
+        except BaseException:
+            self.prior_precision = before
+            raise
+        best = min(range(len(losses)), key=losses.__getitem__)
+        if not math.isfinite(losses[best]):
+            self.prior_precision = before
+            raise ValueError("grid search: the validation loss is not finite for any δ")
+        self.prior_precision = grid[best].to(self.dtype)
+        return {"prior_precision": grid.tolist(), "loss": losses}
+
+    def _validation_loss(self, data: list, loss: Callable[..., Any] | None, classify: bool,
+                         pred_type: str, link_approx: str, n_samples: int) -> float:
+        """The loss of the current predictive on the validation batches (lower is better)."""
+        kw = {"link_approx": link_approx} if classify else {}
+        online = loss is not None and all(
+            hasattr(loss, a) for a in ("reset", "update", "compute")
         )
+        if online:
+            loss.reset()
+        outputs, targets = [], []
+        for x, y in data:
+            out = self(x, pred_type=pred_type, n_samples=n_samples, **kw)
+            if online:
+                if isinstance(out, tuple):
+                    try:
+                        loss.update(*out, y)
+                    except TypeError:  # a metric of (prediction, target) only
+                        loss.update(out[0], y)
+                else:
+                    loss.update(out, y)
+            else:
+                outputs.append(out)
+                targets.append(y)
+        if online:
+            return float(torch.as_tensor(loss.compute()).sum())
+        y = torch.cat(targets)
+        if classify:
+            probs = torch.cat(outputs)
+            if loss is not None:
+                return float(loss(probs, y))
+            return float(_categorical_nll(probs, y, self.likelihood.task == "binary"))
+        mean = torch.cat([o[0] for o in outputs])
+        var = torch.cat([o[1] for o in outputs])
+        if loss is not None:
+            return float(loss(mean, var, y))
+        if self.sigma_noise is None:
+            raise ValueError(
+                f"grid search needs loss=... for a {type(self.likelihood).__name__} likelihood"
+            )
+        return float(_gaussian_nll(mean, var, self.sigma_noise, y))
+
+    def predictive_samples(
+        self,
+        x: Any,
+        pred_type: str = "glm",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples of the predictive's mean parameter, (n_samples, B, ...) (laplace-torch's).
+
+        :meth:`functional_samples` with the inverse link applied: softmax probabilities for
+        classification, sigmoid for binary, the outputs f themselves (no observation noise) for
+        regression.
+        """
+        f = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
+        if self.likelihood.task == "classification":
+            return torch.softmax(f, -1)
+        if self.likelihood.task == "binary":
+            return torch.sigmoid(f)
+        return f
+
+    def functional_samples(
+        self,
+        x: Any,
+        pred_type: str = "glm",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples of the network outputs f(x), (n_samples, B, ...) (laplace-torch's).
+
+        ``pred_type="glm"`` samples the linearised outputs N(f(x; θ*), J Σ Jᵀ) per input (with
+        ``diagonal_output`` only their marginal variances); ``"nn"`` runs the network at
+        θ ~ q(θ) (:meth:`function_samples`).
+        """
+        if pred_type not in ("glm", "nn"):
+            raise ValueError(f"unknown pred_type {pred_type!r}: use 'glm' or 'nn'")
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        self.require_fit()
+        if pred_type == "nn":
+            return self.function_samples(x, n_samples, generator)
+        with eval_mode(self.model), torch.no_grad():
+            out = []
+            for f, cov in self.functional_moment_chunks(x):
+                B, D = f.shape[0], cov.shape[-1]
+                eps = torch.randn(n_samples, B, D, generator=generator, dtype=cov.dtype,
+                                  device=cov.device)
+                if diagonal_output:
+                    noise = eps * cov.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+                else:  # a symmetric square root, valid for singular covariances too
+                    evals, evecs = torch.linalg.eigh(cov)
+                    root = evecs * evals.clamp_min(0).sqrt()[..., None, :]
+                    noise = torch.einsum("bij,sbj->sbi", root, eps)
+                out.append(f.detach() + noise.reshape(n_samples, *f.shape).to(f))
+        return torch.cat(out, dim=1)
 
     def __call__(
         self,
         x: Tensor,
         pred_type: str = "glm",
-        link_approx: str = "probit",
+        link_approx: str | None = None,
         joint: bool = False,
         n_samples: int = 100,
         generator: torch.Generator | None = None,
@@ -187,6 +403,39 @@ class Posterior(ABC):
         the observation noise, or with it (the predictive variance of y) when ``pred_var=True``.
         ``joint=True`` gives the full covariance over the batch; ``enable_backprop=True`` lets
         gradients flow to x; ``chunk_size`` bounds the inputs processed at once.
+        ``link_approx`` (default ``"probit"``) applies to classification; regression has no
+        link, so a ``link_approx`` given for it is ignored (as in laplace-torch) with a warning.
         """
+        if link_approx is None:
+            link_approx = "probit"
+        elif self.likelihood.task not in ("classification", "binary") and not (
+            pred_type == "nn" and link_approx == "mc"  # laplace-torch asks for it with "nn"
+        ):
+            warnings.warn(
+                f"link_approx={link_approx!r} is ignored for a {self.likelihood.task} "
+                "likelihood: it has no link; the predictive is (f_mean, f_var)",
+                stacklevel=2,
+            )
         return predict(self, x, pred_type, link_approx, joint, n_samples, generator,
                        pred_var=pred_var, enable_backprop=enable_backprop, chunk_size=chunk_size)
+
+
+def _categorical_nll(probs: Tensor, y: Tensor, binary: bool) -> Tensor:
+    """Mean −log p(y) of predictive probabilities (B, ..., C), or p(y=1) (B, ...) if binary."""
+    tiny = torch.finfo(probs.dtype).tiny
+    if binary:
+        y = y.reshape(probs.shape).to(probs)
+        return -(y * probs.clamp_min(tiny).log()
+                 + (1 - y) * (1 - probs).clamp_min(tiny).log()).mean()
+    logp = probs.clamp_min(tiny).log().reshape(-1, probs.shape[-1])
+    return -logp.gather(1, y.reshape(-1, 1).long().to(logp.device)).mean()
+
+
+def _gaussian_nll(mean: Tensor, var: Tensor, sigma: Tensor, y: Tensor) -> Tensor:
+    """Mean −log N(y; f_mean, f_var + σ²I) over inputs, f_var (B, D, D)."""
+    B, D = mean.shape[0], var.shape[-1]
+    sigma = sigma.detach().to(var).reshape(-1)
+    noise = sigma.repeat(D // sigma.numel())
+    cov = var + torch.diag_embed(noise.square().expand(B, D))
+    dist = torch.distributions.MultivariateNormal(mean.reshape(B, D), covariance_matrix=cov)
+    return -dist.log_prob(y.reshape(B, D).to(mean)).mean()

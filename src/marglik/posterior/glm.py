@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from marglik.curvature.batches import DICT_KEY_X, Inputs, batch_size, call_model, slice_inputs
 from marglik.posterior.jacobians import per_sample_jacobians
 from marglik.posterior.layerwise import (
     LayerwisePlan,
@@ -40,9 +41,14 @@ if TYPE_CHECKING:
 MAX_ELEMENTS = 2**24
 
 
-def jacobians(la: Laplace, x: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+def _n_inputs(la: Laplace, x: Inputs) -> int:
+    """Batch size B of x: a tensor (B, ...), or a dict / tuple of such tensors."""
+    return batch_size(x, getattr(la, "dict_key_x", DICT_KEY_X))
+
+
+def jacobians(la: Laplace, x: Inputs, create_graph: bool = False) -> tuple[Tensor, Tensor]:
     """Model outputs f (B, ...) and Jacobians J (B, D, P) of the flattened outputs (generic)."""
-    f = la.model(x)
+    f = call_model(la.model, x)
     J = per_sample_jacobians(la.model, la.subset, x, f.shape[1:], f.dtype, create_graph)
     return f, J
 
@@ -63,29 +69,29 @@ def resolve_backend(la: Laplace, backend: str = "auto") -> LayerwisePlan | None:
     return plan
 
 
-def chunk_length(la: Laplace, x: Tensor, plan: LayerwisePlan | None, chunk_size: int | None,
+def chunk_length(la: Laplace, x: Inputs, plan: LayerwisePlan | None, chunk_size: int | None,
                  max_elements: int = MAX_ELEMENTS) -> int:
     """Number of inputs per chunk: ``chunk_size`` or the most that fit ``max_elements``."""
     if chunk_size is not None:
         return int(chunk_size)
     if plan is None:
         with torch.no_grad():
-            D = la.model(x[:1])[0].numel()
+            D = call_model(la.model, slice_inputs(x, 0, 1))[0].numel()
         per_input = 3 * D * la.n_params + 4 * D * D
     else:
-        per_input, _ = per_sample_footprint(la, plan, x[:1])
-    return max(1, min(x.shape[0], max_elements // max(1, per_input)))
+        per_input, _ = per_sample_footprint(la, plan, slice_inputs(x, 0, 1))
+    return max(1, min(_n_inputs(la, x), max_elements // max(1, per_input)))
 
 
-def glm_chunks(la: Laplace, x: Tensor, plan: LayerwisePlan | None, chunk: int,
+def glm_chunks(la: Laplace, x: Inputs, plan: LayerwisePlan | None, chunk: int,
                create_graph: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (f (n, ...), J Σ Jᵀ (n, D, D)) for consecutive chunks of x."""
-    for start in range(0, x.shape[0], chunk):
-        xc = x[start : start + chunk]
+    for start in range(0, _n_inputs(la, x), chunk):
+        xc = slice_inputs(x, start, start + chunk)
         yield moments(la, xc, plan, joint=False, create_graph=create_graph)
 
 
-def moments(la: Laplace, x: Tensor, plan: LayerwisePlan | None, joint: bool = False,
+def moments(la: Laplace, x: Inputs, plan: LayerwisePlan | None, joint: bool = False,
             create_graph: bool = False) -> tuple[Tensor, Tensor]:
     """Mean f (B, ...) and J Σ Jᵀ: (B, D, D), or (B·D, B·D) with ``joint=True``, for one chunk."""
     if plan is None:
@@ -103,12 +109,12 @@ def moments(la: Laplace, x: Tensor, plan: LayerwisePlan | None, joint: bool = Fa
     return f.to(cov.dtype), cov
 
 
-def glm_moments(la: Laplace, x: Tensor, joint: bool = False, chunk_size: int | None = None,
+def glm_moments(la: Laplace, x: Inputs, joint: bool = False, chunk_size: int | None = None,
                 backend: str = "auto", create_graph: bool = False) -> tuple[Tensor, Tensor]:
     """Mean and covariance of the linearised outputs.
 
     Args:
-        x: inputs (B, ...).
+        x: inputs (B, ...), or a dict / tuple of such tensors (:mod:`marglik.curvature.batches`).
         joint: full covariance over the batch instead of one per input.
         chunk_size: inputs per chunk (default: bounded by :data:`MAX_ELEMENTS`).
         backend: ``"auto" | "layerwise" | "generic"``.
@@ -126,7 +132,7 @@ def glm_moments(la: Laplace, x: Tensor, joint: bool = False, chunk_size: int | N
     return torch.cat(means), torch.cat(covs)
 
 
-def glm_moment_chunks(la: Laplace, x: Tensor, chunk_size: int | None = None,
+def glm_moment_chunks(la: Laplace, x: Inputs, chunk_size: int | None = None,
                       backend: str = "auto", create_graph: bool = False
                       ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (f (n, ...), J Σ Jᵀ (n, D, D)) for consecutive chunks of x (B, ...).

@@ -14,30 +14,32 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from marglik.curvature.batches import Inputs, batch_size, model_args, slice_inputs
 from marglik.curvature.per_sample import per_sample_column_grads
 from marglik.curvature.subsets import ParameterSubset
 
 
-def per_sample_jacobians(model: nn.Module, subset: ParameterSubset, x: Tensor,
+def per_sample_jacobians(model: nn.Module, subset: ParameterSubset, x: Inputs,
                          out_shape: torch.Size, dtype: torch.dtype,
                          create_graph: bool = False) -> Tensor:
     """J (N, D, P): row d of J_n is ∂f_d(x_n)/∂θ for the D = prod(out_shape) flattened outputs.
 
     Args:
-        x: inputs (N, ...).
+        x: inputs (N, ...), or a dict / tuple of such tensors (:mod:`marglik.curvature.batches`).
         out_shape: the shape of one output, f(x_n).shape; dtype: the outputs' dtype.
         create_graph: keep the graph to x (autograd loop, N·D backward passes).
     """
-    N, D = x.shape[0], out_shape.numel()
+    device = next(model.parameters()).device
+    N, D = batch_size(x), out_shape.numel()
     if not create_graph:
-        U = torch.eye(D, dtype=dtype, device=x.device)
+        U = torch.eye(D, dtype=dtype, device=device)
         U = U.reshape(D, 1, *out_shape).expand(D, N, *out_shape)
         return per_sample_column_grads(model, subset, x, U).transpose(0, 1)
     params = {n: p.detach().requires_grad_(True) for n, p in subset.parameters(model).items()}
     leaves = list(params.values())
     rows = []
     for n in range(N):
-        f = functional_call(model, params, (x[n : n + 1],)).reshape(-1)
+        f = functional_call(model, params, model_args(slice_inputs(x, n, n + 1))).reshape(-1)
         cols = []
         for d in range(D):
             grads = torch.autograd.grad(f[d], leaves, retain_graph=True, create_graph=True,

@@ -15,7 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from marglik.curvature.engine import Curvature, batches, eval_mode, fit_curvature
-from marglik.curvature.subsets import ParameterSubset, select_subset
+from marglik.curvature.runtime import preserved
+from marglik.curvature.subsets import (
+    ParameterSubset,
+    find_last_layer,
+    own_parameter_names,
+    select_subset,
+)
 from marglik.evidence.laplace import laplace_log_evidence
 from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
 from marglik.likelihoods.gaussian import check_sigma
@@ -33,11 +39,17 @@ class Laplace(Posterior):
     """Laplace approximation around the trained weights θ* of ``model``.
 
     Args:
-        model: a trained ``nn.Module``; it is never modified (hooks are removed, modes and
-            ``requires_grad`` flags restored).
+        model: a trained ``nn.Module``; it is left exactly as it was: every forward pass runs
+            in eval mode and restores train/eval flags, ``requires_grad`` flags, buffers
+            (BatchNorm statistics) and hooks (:func:`~marglik.curvature.runtime.preserved`).
         likelihood: ``"regression"`` (Gaussian), ``"classification"`` (softmax), ``"binary"``
             (Bernoulli) or a :class:`~marglik.likelihoods.Likelihood`.
-        subset_of_weights: ``"all" | "last_layer" | "subnetwork" | "requires_grad"``.
+        subset_of_weights: ``"all" | "last_layer" | "subnetwork" | "requires_grad"``. ``"all"``
+            means the parameters with ``requires_grad=True`` (as in laplace-torch ≥ 0.2; every
+            parameter if none requires grad); ``"last_layer"`` the own parameters of the last
+            module other than the model itself that runs and owns parameters
+            (:func:`~marglik.curvature.subsets.find_last_layer`; found in :meth:`fit` and kept
+            in ``last_layer_name``). See ``docs/from-laplace-torch.md``.
         hessian_structure: ``"kron" | "full" | "diag" | "lowrank"``.
         curvature: ``"ggn" | "ef" | "ggn-mc"``.
         kfac_approx: ``"expand" | "reduce"`` for weight-sharing layers.
@@ -56,6 +68,12 @@ class Laplace(Posterior):
         rank: number of eigenpairs for ``"lowrank"``.
         mc_samples: sampled targets per input for ``"ggn-mc"``.
         seed: seed for Monte Carlo curvature and Lanczos.
+        dict_key_x, dict_key_y: as in laplace-torch, for data loaders yielding dicts (or
+            ``UserDict`` / ``BatchEncoding``): the whole dict is the model input, the targets are
+            ``batch[dict_key_y]`` and the batch size is ``batch[dict_key_x].shape[0]``. Loaders
+            may also yield (x, y) pairs with x a tensor, a dict of tensors (``model(x)``) or a
+            tuple of tensors (``model(*x)``); ``la(x)`` takes the same kinds of x. See
+            :mod:`marglik.curvature.batches`.
     """
 
     def __init__(
@@ -76,6 +94,8 @@ class Laplace(Posterior):
         mc_samples: int = 1,
         seed: int = 0,
         prior_groups: list[list[str]] | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -94,10 +114,13 @@ class Laplace(Posterior):
             raise ValueError(f"temperature must be positive and finite, got {temperature}")
         self.temperature = float(temperature)
         self.rank, self.mc_samples, self.seed = rank, mc_samples, seed
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.prior = Prior(
             prior_precision, torch.as_tensor(prior_mean, dtype=self._param_dtype), prior_groups
         )
         self.subset: ParameterSubset | None = None
+        # checked by load_state_dict with subset_of_weights; filled in when fit() finds it
+        self.last_layer_name = last_layer_name
         if subset_of_weights != "last_layer" or last_layer_name is not None:
             self._set_subset(select_subset(model, subset_of_weights, subnetwork, last_layer_name))
         self.mean: Tensor | None = None
@@ -128,26 +151,31 @@ class Laplace(Posterior):
         reaches the weights. Exact GGN with ``"full"``, ``"diag"`` or ``"kron"`` only; see
         :func:`~marglik.curvature.engine.fit_curvature` for the cost.
         """
-        if self.subset is None:  # last layer found from the first batch
-            first = next(iter(train_loader), None)
-            if first is None:
-                raise ValueError("the data loader is empty")
-            x, _ = next(batches([first], self.model))
-            self._set_subset(select_subset(self.model, "last_layer", example_input=x))
-        curv: Curvature = fit_curvature(
-            self.model,
-            self.likelihood,
-            train_loader,
-            self.subset,
-            self.hessian_structure,
-            self.curvature,
-            self.kfac_approx,
-            self.rank,
-            self.mc_samples,
-            self.seed,
-            progress,
-            create_graph=create_graph,
-        )
+        with preserved(self.model):  # buffers saved once per fit, whatever runs inside
+            if self.subset is None:  # last layer found from the first batch
+                first = next(iter(train_loader), None)
+                if first is None:
+                    raise ValueError("the data loader is empty")
+                x, _ = next(batches([first], self.model, self.dict_key_x, self.dict_key_y))
+                self.last_layer_name = find_last_layer(self.model, x)
+                own = own_parameter_names(self.model, self.last_layer_name)
+                self._set_subset(select_subset(self.model, "subnetwork", own))
+            curv: Curvature = fit_curvature(
+                self.model,
+                self.likelihood,
+                train_loader,
+                self.subset,
+                self.hessian_structure,
+                self.curvature,
+                self.kfac_approx,
+                self.rank,
+                self.mc_samples,
+                self.seed,
+                progress,
+                create_graph=create_graph,
+                dict_key_x=self.dict_key_x,
+                dict_key_y=self.dict_key_y,
+            )
         self.H, self.statistics, self.n_data = curv.structure, curv.statistics, curv.n_data
         self.mean = self.subset.vector(self.model)
         self._sigma_fit = (
@@ -228,6 +256,22 @@ class Laplace(Posterior):
             logdet = self.H.logdet(scale, self.prior.expand(delta))
         return logdet - self.prior.log_det(delta)
 
+    @property
+    def prior_precision_diag(self) -> Tensor:
+        """δ for every parameter, (P,) (laplace-torch's ``prior_precision_diag``)."""
+        delta = self.prior.expand(check_precision(self.prior.precision))
+        return delta.expand(self.n_params) if delta.ndim == 0 else delta
+
+    @property
+    def log_det_prior_precision(self) -> Tensor:
+        """log det P0 (0-d; a property as in laplace-torch)."""
+        return self.prior.log_det()
+
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        """log det P (0-d; a property as in laplace-torch)."""
+        return self.log_det_ratio() + self.log_det_prior_precision.to(self.H.dtype)
+
     def scatter(self, prior_precision: Tensor | None = None) -> Tensor:
         """(θ* − μ0)ᵀ P0 (θ* − μ0) (0-d)."""
         self.require_fit()
@@ -241,12 +285,24 @@ class Laplace(Posterior):
 
         Differentiable in ``prior_precision`` and ``sigma_noise`` (which default to the current
         values); the curvature is not refitted: for regression H scales as (σ_fit/σ)².
+
+        As in laplace-torch, values passed here are kept: afterwards ``prior_precision`` and
+        ``sigma_noise`` hold detached copies of them, so ``la(x)``, :meth:`sample` and the other
+        methods use the hyperparameters last evaluated (e.g. after a user's Adam loop on
+        log δ and log σ). The returned value keeps its graph to the tensors passed; the stored
+        copies carry none. A one-element δ of shape (1,) is a scalar. Values that raise an
+        error are not kept.
         """
-        return laplace_log_evidence(
+        value = laplace_log_evidence(
             self.log_likelihood(sigma_noise),
             self.scatter(prior_precision),
             self.log_det_ratio(prior_precision, sigma_noise),
         )
+        if prior_precision is not None:
+            self.prior_precision = torch.as_tensor(prior_precision).detach().clone()
+        if sigma_noise is not None:
+            self.sigma_noise = torch.as_tensor(sigma_noise).detach().clone()
+        return value
 
     # ---- the Gaussian posterior ---------------------------------------------------------------
     def _precision_args(self) -> tuple[Tensor, Tensor]:
@@ -271,6 +327,15 @@ class Laplace(Posterior):
         """Marginal variances diag(Σ), (P,)."""
         scale, delta = self._precision_args()
         return self.H.covariance_diag(scale, delta)
+
+    @property
+    def posterior_scale(self) -> Tensor:
+        """A square root of Σ, as in laplace-torch: (P,) standard deviations for ``"diag"``,
+        else the lower Cholesky factor L (P, P) with L Lᵀ = Σ (dense: small models only)."""
+        scale, delta = self._precision_args()
+        if self.hessian_structure == "diag":
+            return self.H.covariance_diag(scale, delta).sqrt()
+        return torch.linalg.cholesky(self.H.covariance_dense(scale, delta))
 
     def functional_variance(self, J: Tensor) -> Tensor:
         """J Σ Jᵀ for Jacobians J (..., K, P): (..., K, K)."""
@@ -302,14 +367,23 @@ class Laplace(Posterior):
         """GLM moments f(x) ~ N(f(x; θ*), J Σ Jᵀ); see :func:`marglik.posterior.glm.glm_moments`.
 
         ``backend``: ``"auto"`` (layer-wise where it applies), ``"layerwise"`` or ``"generic"``.
+        The model runs in eval mode and is left as it was.
         """
-        return glm_moments(self, x, joint, chunk_size, backend, create_graph)
+        with eval_mode(self.model, requires_grad=None):
+            return glm_moments(self, x, joint, chunk_size, backend, create_graph)
 
     def functional_moment_chunks(self, x: Tensor, chunk_size: int | None = None,
                                  create_graph: bool = False, backend: str = "auto"
                                  ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Per-input GLM moments over chunks of x whose size bounds the memory."""
-        return glm_moment_chunks(self, x, chunk_size, backend, create_graph)
+        """Per-input GLM moments over chunks of x whose size bounds the memory. Each chunk runs
+        in eval mode with the model's state restored before it is handed out."""
+        chunks = glm_moment_chunks(self, x, chunk_size, backend, create_graph)
+        while True:
+            with eval_mode(self.model, requires_grad=None):
+                item = next(chunks, None)
+            if item is None:
+                return
+            yield item
 
     def function_samples(self, x: Tensor, n_samples: int = 100,
                          generator: torch.Generator | None = None,

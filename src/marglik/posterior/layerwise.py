@@ -27,20 +27,29 @@ with ``torch.func`` for those parameters only. The posterior blocks are those of
 ``Dense.eig()``, ``Diagonal.h``) and calls ``inv_quad`` (joint covariances).
 
 Inputs and gradients are collected with forward hooks (:mod:`marglik.curvature.layers`): one
-forward pass per chunk of inputs and one backward pass per output column. The layers and the
+forward pass per chunk of inputs and one backward pass per output column. A layer that cannot
+be recorded (hooks that did not fire, or gradients that do not match autograd; checked on the
+first chunk, once per plan, with a warning) gets per-sample Jacobians of its tensors with
+``torch.func`` instead, contracted against its block like any other tensor (a Kronecker block
+in its eigenbasis) — never a zero Jacobian. The layers and the
 parameter → layer map are those of the curvature engine
 (:func:`~marglik.curvature.layers.layer_map`).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from marglik.curvature.batches import Inputs, call_model
 from marglik.curvature.layers import LayerRecord, LayerRecorder, backprop_columns, layer_map
+from marglik.curvature.silent import inconsistent_layers, silent_layers, silent_message
 from marglik.curvature.subsets import ParameterSubset
 from marglik.posterior.jacobians import per_sample_jacobians
 from marglik.structures import BlockDiagonal, CurvatureBlock, Dense, Diagonal, Kronecker
@@ -79,6 +88,9 @@ class LayerwisePlan:
     blocks: list[BlockSlot]
     others: ParameterSubset | None  # tensors without a registered layer, in posterior order
     other_offsets: dict[str, tuple[int, int]]  # name -> slice in the others' Jacobian
+    #: layers that cannot be recorded (silent, or mixing samples), found on the first chunk:
+    #: their tensors get per-sample Jacobians with torch.func (None: not checked yet)
+    fallback: set[str] | None = None
 
 
 def layerwise_plan(la: Laplace) -> LayerwisePlan | None:
@@ -157,15 +169,15 @@ def _fresh_layers(plan: LayerwisePlan) -> list[LayerRecord]:
     return [rec.empty_copy() for rec in plan.layers]
 
 
-def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Tensor) -> tuple[int, int]:
+def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Inputs) -> tuple[int, int]:
     """(numbers held per input, outputs D) for chunking, from one forward pass on x1 (1, ...)."""
     layers = _fresh_layers(plan)
     with torch.no_grad(), LayerRecorder(layers):
-        f = la.model(x1)
+        f = call_model(la.model, x1)
     D = f[0].numel()
     total = 4 * D * D
     for rec in layers:
-        R = sum(a.shape[1] for a in rec.inputs)
+        R = sum(a.shape[0] * a.shape[1] for a in rec.inputs)  # one input: either layout
         d_out = rec.outputs[0][0].numel() // max(1, rec.inputs[0].shape[1]) if rec.outputs else 0
         d_in = rec.inputs[0].shape[-1] if rec.inputs else 0
         total += 3 * R * (d_in + D * d_out)  # activations, a, g and their rotations
@@ -210,28 +222,78 @@ class _LayerData:
     g: Tensor  # (D, N, R, D_out)
 
 
-def record(la: Laplace, plan: LayerwisePlan, x: Tensor, create_graph: bool
-           ) -> tuple[Tensor, dict[str, _LayerData], Tensor | None]:
-    """Model outputs f (N, ...), per-layer (a, g), and the others' Jacobians (N, D, P_other)."""
-    layers = _fresh_layers(plan)
+@dataclass
+class _Fallback:
+    """A layer that could not be recorded: per-sample Jacobians (N, D, numel) per tensor."""
+
+    J: dict[str, Tensor]
+
+
+_Data = dict[str, "_LayerData | _Fallback"]
+
+
+@contextmanager
+def _requires_grad(model: torch.nn.Module, names: list[str]) -> Iterator[None]:
+    """The named parameters require grad inside the block (flags restored afterwards)."""
+    params = [model.get_parameter(n) for n in names]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
+           ) -> tuple[Tensor, dict[str, _LayerData | _Fallback], Tensor | None]:
+    """Model outputs f (N, ...), per-layer (a, g), and the others' Jacobians (N, D, P_other).
+
+    A layer whose hooks did not fire, or (checked on the first chunk, with the layers'
+    parameters requiring grad for that pass) whose recorded gradients do not match autograd,
+    gets per-sample Jacobians of its tensors with ``torch.func`` instead (:class:`_Fallback`),
+    never a zero Jacobian; one warning per plan names such layers.
+    """
+    first = plan.fallback is None
+    layers = [rec for rec in _fresh_layers(plan) if first or rec.name not in plan.fallback]
+    names = [n for rec in layers for n in (rec.weight, rec.bias) if n] if first else []
     dtype = la.H.dtype
     with torch.enable_grad():
-        with _Recorder(layers):
-            f = la.model(x)
+        with _Recorder(layers), _requires_grad(la.model, names):
+            f = call_model(la.model, x)
+            fallback = silent_layers(layers)
+            if first:
+                fallback += inconsistent_layers(f, [r for r in layers if not r.silent], la.model)
+        if first:
+            plan.fallback = {rec.name for rec in fallback}
+            layouts = {rec.name: rec.batch_dim for rec in layers}
+            for rec in plan.layers:  # sequence-first Linears, for the later chunks
+                rec.batch_dim = layouts.get(rec.name, rec.batch_dim)
+            if fallback:
+                warnings.warn(silent_message(fallback), stacklevel=2)
+        fallback_names = {rec.name for rec in fallback} | plan.fallback
+        layers = [rec for rec in layers if rec.name not in fallback_names]
         D = f[0].numel()
         outs = [o for rec in layers for o in rec.outputs]
         if outs and f.requires_grad:
             grads = iter(_column_grads(f, outs, create_graph))
         else:
             grads = iter([torch.zeros(D, *o.shape, dtype=o.dtype, device=o.device) for o in outs])
-    data = {}
+    data: dict[str, _LayerData | _Fallback] = {}
     for rec in layers:
-        if not rec.inputs:  # the layer did not run: its Jacobian is zero
-            continue
         a, g = rec.data(grads)
         if not create_graph:
             a = a.detach()
         data[rec.name] = _LayerData(a.to(dtype), g.to(dtype))
+    slots = [t for bs in plan.blocks for t in bs.tensors
+             if t.layer is not None and t.layer.name in fallback_names]
+    if slots:
+        sub = ParameterSubset([t.name for t in slots], [t.shape for t in slots])
+        J = per_sample_jacobians(la.model, sub, x, f.shape[1:], f.dtype, create_graph).to(dtype)
+        parts = J.split([t.stop - t.start for t in slots], -1)
+        for t, Jt in zip(slots, parts):
+            data.setdefault(t.layer.name, _Fallback({})).J[t.name] = Jt
     J_other = None
     if plan.others is not None:
         J_other = per_sample_jacobians(la.model, plan.others, x, f.shape[1:], f.dtype,
@@ -242,7 +304,7 @@ def record(la: Laplace, plan: LayerwisePlan, x: Tensor, create_graph: bool
 
 
 # ---------------------------------------------------------------------------------- contraction
-def _tensor_jacobian(t: TensorSlot, data: dict[str, _LayerData], J_other: Tensor | None,
+def _tensor_jacobian(t: TensorSlot, data: _Data, J_other: Tensor | None,
                      plan: LayerwisePlan, N: int, D: int, like: Tensor) -> Tensor:
     """Materialised Jacobian (N, D, numel) of one parameter tensor."""
     numel = t.stop - t.start
@@ -250,7 +312,9 @@ def _tensor_jacobian(t: TensorSlot, data: dict[str, _LayerData], J_other: Tensor
         lo, hi = plan.other_offsets[t.name]
         return J_other[..., lo:hi]
     ld = data.get(t.layer.name)
-    if ld is None:
+    if isinstance(ld, _Fallback):
+        return ld.J[t.name]
+    if ld is None:  # not reached: every planned layer is recorded or falls back
         return like.new_zeros(N, D, numel)
     if t.role == "bias":
         return ld.g.sum(2).transpose(0, 1)
@@ -274,7 +338,22 @@ def _kron_quad(block: Kronecker, ld: _LayerData, scale: Tensor, delta: Tensor) -
     return _weight_quad(_LayerData(ld.a @ QA, ld.g @ QG), K)
 
 
-def _block_jacobian(bs: BlockSlot, data: dict[str, _LayerData], J_other: Tensor | None,
+def _kron_quad_dense(block: Kronecker, J: Tensor, scale: Tensor, delta: Tensor) -> Tensor:
+    """J Σ Jᵀ for a materialised weight Jacobian J (N, D, m·n) and P = s · G ⊗ A + δ."""
+    mu, QG, lam, QA = block.eig()
+    K = 1 / (scale * torch.outer(mu, lam) + delta)
+    Jr = J.reshape(*J.shape[:2], QG.shape[0], QA.shape[0])
+    Jt = torch.einsum("ndij,ia,jb->ndab", Jr, QG, QA).flatten(2)
+    return (Jt * K.reshape(-1)) @ Jt.mT
+
+
+def _recorded(data: dict[str, _LayerData | _Fallback], t: TensorSlot) -> _LayerData | None:
+    """The recorded (a, g) of the tensor's layer; None for other tensors and fallbacks."""
+    ld = data.get(t.layer.name) if t.layer is not None else None
+    return ld if isinstance(ld, _LayerData) else None
+
+
+def _block_jacobian(bs: BlockSlot, data: _Data, J_other: Tensor | None,
                     plan: LayerwisePlan, N: int, D: int, like: Tensor) -> Tensor:
     """Materialised Jacobian (N, D, p_b) of the tensors one block covers."""
     parts = [_tensor_jacobian(t, data, J_other, plan, N, D, like) for t in bs.tensors]
@@ -285,7 +364,7 @@ def _block_delta(delta: Tensor, bs: BlockSlot) -> Tensor:
     return delta if delta.ndim == 0 else delta[bs.start : bs.stop]
 
 
-def functional_covariance(la: Laplace, plan: LayerwisePlan, data: dict[str, _LayerData],
+def functional_covariance(la: Laplace, plan: LayerwisePlan, data: _Data,
                           J_other: Tensor | None, N: int, D: int, joint: bool) -> Tensor:
     """J Σ Jᵀ per input (N, D, D), or over the whole batch (N·D, N·D) with ``joint=True``."""
     scale, delta = la._precision_args()
@@ -301,24 +380,28 @@ def functional_covariance(la: Laplace, plan: LayerwisePlan, data: dict[str, _Lay
         block, d = bs.block, _block_delta(delta, bs)
         if isinstance(block, Kronecker):
             t = bs.tensors[0]
-            if t.layer.name in data:
-                if d.ndim == 1:
-                    if not bool(torch.all(d == d[0])):
-                        raise ValueError("KFAC blocks need one prior precision per block "
-                                         "(scalar or layer-wise), got per-parameter values")
-                    d = d[0]
-                out = out + _kron_quad(block, data[t.layer.name], scale, d)
+            if d.ndim == 1:
+                if not bool(torch.all(d == d[0])):
+                    raise ValueError("KFAC blocks need one prior precision per block "
+                                     "(scalar or layer-wise), got per-parameter values")
+                d = d[0]
+            ld = _recorded(data, t)
+            if ld is not None:
+                out = out + _kron_quad(block, ld, scale, d)
+            else:
+                J = _tensor_jacobian(t, data, J_other, plan, N, D, like)
+                out = out + _kron_quad_dense(block, J, scale, d)
         elif isinstance(block, Diagonal):
             K = 1 / (scale * block.h + d)
             for t in bs.tensors:
                 Kt = K[t.start - bs.start : t.stop - bs.start]
-                ld = data.get(t.layer.name) if t.layer is not None else None
+                ld = _recorded(data, t)
                 if t.role == "weight" and ld is not None:
                     out = out + _weight_quad(ld, Kt.reshape(t.shape[0], -1))
                 elif t.role == "bias" and ld is not None:
                     Jb = ld.g.sum(2)  # (D, N, m)
                     out = out + torch.einsum("dni,eni->nde", Jb * Kt, Jb)
-                elif t.layer is None:
+                else:  # other tensors and layers that fell back
                     J = _tensor_jacobian(t, data, J_other, plan, N, D, like)
                     out = out + (J * Kt) @ J.mT
         else:  # Dense
@@ -335,7 +418,7 @@ def functional_covariance(la: Laplace, plan: LayerwisePlan, data: dict[str, _Lay
     return out
 
 
-def _jacobian_times(bs: BlockSlot, data: dict[str, _LayerData], J_other: Tensor | None,
+def _jacobian_times(bs: BlockSlot, data: _Data, J_other: Tensor | None,
                     plan: LayerwisePlan, S: Tensor, N: int, D: int, like: Tensor) -> Tensor:
     """J S for the block's Jacobian J (N, D, p) and a matrix S (p, q), tensor by tensor: (N, D, q).
 
@@ -345,13 +428,11 @@ def _jacobian_times(bs: BlockSlot, data: dict[str, _LayerData], J_other: Tensor 
     out = like.new_zeros(N, D, S.shape[-1])
     for t in bs.tensors:
         St = S[t.start - bs.start : t.stop - bs.start]
-        ld = data.get(t.layer.name) if t.layer is not None else None
-        if t.layer is not None and ld is None:
-            continue  # the layer did not run: its Jacobian is zero
-        if t.role == "weight" and ld.a.shape[1] == 1:
+        ld = _recorded(data, t)
+        if t.role == "weight" and ld is not None and ld.a.shape[1] == 1:
             aS = torch.einsum("nj,mjq->nmq", ld.a[:, 0], St.reshape(t.shape[0], -1, St.shape[-1]))
             out = out + torch.einsum("dnm,nmq->ndq", ld.g[:, :, 0], aS)
-        elif t.role == "bias":
+        elif t.role == "bias" and ld is not None:
             out = out + torch.einsum("dnm,mq->ndq", ld.g.sum(2), St)
         else:
             out = out + _tensor_jacobian(t, data, J_other, plan, N, D, like) @ St

@@ -111,6 +111,7 @@ class Prior:
                 raise ValueError("prior groups must not be empty")
             group_of = [index[n] for n in names]
         self.names, self.numel, self._group_of_tensor = names, numel, group_of
+        self._precision = self._single(self._precision)
         self._check(self._precision)
         if self._mean.numel() not in (1, self.size):
             raise ValueError(f"prior_mean must be a scalar or have {self.size} values")
@@ -150,6 +151,7 @@ class Prior:
     def precision(self, value: float | Tensor) -> None:
         value = check_precision(value, self.allow_zero)
         if self.bound:
+            value = self._single(value)
             self._check(value)
         self._precision = value
 
@@ -165,6 +167,15 @@ class Prior:
             raise ValueError(f"prior_mean must be a scalar or have {self.size} values")
         self._mean = value
 
+    def _single(self, delta: Tensor) -> Tensor:
+        """A one-element δ of shape (1,) as the scalar it means (laplace-torch's convention).
+
+        Kept as (1,) where the layout has one group or one parameter (both readings agree).
+        """
+        if delta.ndim == 1 and delta.numel() == 1 and 1 not in (self.n_groups, self.size):
+            return delta.reshape(())
+        return delta
+
     def _check(self, delta: Tensor) -> None:
         if delta.ndim == 1 and delta.numel() not in (self.n_groups, self.size):
             raise ValueError(
@@ -178,6 +189,8 @@ class Prior:
             delta = self._precision
         else:
             delta = check_precision(precision, self.allow_zero)
+        if self.bound:
+            delta = self._single(delta)
         self._check(delta)
         return delta
 

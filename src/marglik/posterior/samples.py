@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from marglik.curvature.batches import Inputs, batch_size, call_model, model_args, slice_inputs
 from marglik.curvature.subsets import ParameterSubset
 
 __all__ = ["sample_outputs"]
@@ -18,7 +19,7 @@ __all__ = ["sample_outputs"]
 MAX_ELEMENTS = 2**24
 
 
-def sample_outputs(model: nn.Module, subset: ParameterSubset, thetas: Tensor, x: Tensor,
+def sample_outputs(model: nn.Module, subset: ParameterSubset, thetas: Tensor, x: Inputs,
                    chunk_size: int | None = None) -> Tensor:
     """f(x; θ_s) for every sample: (S, B, ...).
 
@@ -26,7 +27,7 @@ def sample_outputs(model: nn.Module, subset: ParameterSubset, thetas: Tensor, x:
         model: the network (called with ``torch.func.functional_call``; not modified).
         subset: which parameters θ covers.
         thetas: weight samples (S, P).
-        x: inputs (B, ...).
+        x: inputs (B, ...), or a dict / tuple of such tensors (:mod:`marglik.curvature.batches`).
         chunk_size: inputs per chunk (default: about :data:`MAX_ELEMENTS` numbers per chunk).
     """
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -46,10 +47,11 @@ def sample_outputs(model: nn.Module, subset: ParameterSubset, thetas: Tensor, x:
         samples.append(sampled)
     if chunk_size is None:
         with torch.no_grad():
-            numel_out = model(x[:1]).numel()
+            numel_out = call_model(model, slice_inputs(x, 0, 1)).numel()
         chunk_size = max(1, MAX_ELEMENTS // max(1, 4 * len(samples) * numel_out))
     chunks = [
-        torch.stack([functional_call(model, s, (x[i : i + chunk_size],)) for s in samples])
-        for i in range(0, x.shape[0], chunk_size)
+        torch.stack([functional_call(model, s, model_args(slice_inputs(x, i, i + chunk_size)))
+                     for s in samples])
+        for i in range(0, batch_size(x), chunk_size)
     ]
     return torch.cat(chunks, 1)

@@ -12,6 +12,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from marglik.curvature.batches import (
+    DICT_KEY_X,
+    Inputs,
+    batch_size,
+    call_model,
+    check_finite,
+    detach,
+    is_mapping,
+    slice_inputs,
+    to_model,
+)
 from marglik.curvature.engine import eval_mode
 from marglik.likelihoods import Gaussian
 from marglik.predictive.links import LINKS, bridge, bridge_log_alpha, monte_carlo, probit
@@ -40,7 +51,7 @@ CLASSIFICATION_TASKS = ("classification", "binary")
 
 def predict(
     la: Posterior,
-    x: Tensor,
+    x: Inputs,
     pred_type: str = "glm",
     link_approx: str = "probit",
     joint: bool = False,
@@ -55,7 +66,9 @@ def predict(
 
     Args:
         la: a fitted posterior (any :class:`~marglik.posterior.base.Posterior`).
-        x: inputs (B, ...), the model's input shape with a leading batch dimension.
+        x: inputs (B, ...), the model's input shape with a leading batch dimension; or a dict
+            (``UserDict``, ``BatchEncoding``) of such tensors, passed as ``model(x)``, or a
+            tuple of them, passed as ``model(*x)`` (:mod:`marglik.curvature.batches`).
         pred_type: ``"glm"`` (linearised, default) or ``"nn"`` (sample θ and run the network).
         link_approx: for classification with ``"glm"``: ``"probit"``, ``"bridge"``,
             ``"bridge_norm"`` (Laplace bridge, plain / normalised) or ``"mc"``. The ``"nn"``
@@ -117,7 +130,7 @@ def predict(
             f, cov = la.functional_moments(x, joint=True, create_graph=enable_backprop,
                                            backend=backend)
             if pred_var:
-                cov = cov + torch.diag(_noise_diag(la, out_shape, cov).repeat(x.shape[0]))
+                cov = cov + torch.diag(_noise_diag(la, out_shape, cov).repeat(_n_inputs(la, x)))
             out = f.reshape(-1), cov
         else:
             out = _glm_marginals(la, x, task, link_approx, n_samples, generator, pred_var,
@@ -179,29 +192,48 @@ def apply_link(f: Tensor, cov: Tensor, link_approx: str, binary: bool, n_samples
     return probs.reshape(f.shape)
 
 
-def _check_inputs(la: Posterior, x: Tensor, enable_backprop: bool) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a tensor of inputs (B, ...), got {type(x).__name__}")
-    if x.ndim == 0 or x.shape[0] == 0:
+def _n_inputs(la: Posterior, x: Inputs) -> int:
+    """Batch size B of x (a tensor, dict or tuple of inputs)."""
+    return batch_size(x, getattr(la, "dict_key_x", DICT_KEY_X))
+
+
+def _check_inputs(la: Posterior, x: Inputs, enable_backprop: bool) -> Inputs:
+    if not isinstance(x, (Tensor, tuple, list)) and not is_mapping(x):
+        raise ValueError(
+            "x must be a tensor of inputs (B, ...), a dict or a tuple of such tensors, got "
+            f"{type(x).__name__}"
+        )
+    if isinstance(x, Tensor) and (x.ndim == 0 or x.shape[0] == 0):
         raise ValueError(
             f"x must have a non-empty leading batch dimension, got shape {tuple(x.shape)}"
         )
-    param = next(la.model.parameters())
-    x = x.to(param.device, param.dtype if x.is_floating_point() else None)
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        raise ValueError(f"inputs contain {int((~torch.isfinite(x)).sum())} NaN/inf values")
-    return x if enable_backprop else x.detach()
+    if not isinstance(x, Tensor) and _n_inputs(la, x) == 0:
+        raise ValueError("x must have a non-empty leading batch dimension, got 0 inputs")
+    x = to_model(x, la.model)
+    check_finite(x)
+    return x if enable_backprop else detach(x)
 
 
-def _output_shape(la: Posterior, x: Tensor) -> torch.Size:
+def _describe(x: Inputs) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)}"
+    if is_mapping(x):
+        shapes = {k: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                  for k, v in x.items()}
+        return f"a dict with shapes {shapes}"
+    return f"a {type(x).__name__} with shapes " + str(
+        [tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in x])
+
+
+def _output_shape(la: Posterior, x: Inputs) -> torch.Size:
     """Shape of one output, checking that the model takes x and keeps the batch dimension."""
     with torch.no_grad():
         try:
-            f = la.model(x[:1])
-        except (RuntimeError, ValueError, IndexError, TypeError) as err:
+            f = call_model(la.model, slice_inputs(x, 0, 1))
+        except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as err:
             raise ValueError(
-                f"the model cannot be applied to inputs of shape {tuple(x.shape)} "
-                f"(batch of {x.shape[0]}): {err}"
+                f"the model cannot be applied to inputs of {_describe(x)} "
+                f"(batch of {_n_inputs(la, x)}): {err}"
             ) from err
     if not isinstance(f, Tensor) or f.ndim == 0 or f.shape[0] != 1:
         shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
@@ -224,7 +256,7 @@ def _noise(la: Posterior, out_shape: torch.Size, like: Tensor) -> Tensor:
 
 def nn_predictive(
     la: Posterior,
-    x: Tensor,
+    x: Inputs,
     n_samples: int = 100,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
@@ -244,5 +276,5 @@ def nn_predictive(
     if task == "binary":
         return torch.sigmoid(f).mean(0)
     mean = f.mean(0)
-    centred = (f - mean).reshape(n_samples, x.shape[0], -1)
+    centred = (f - mean).reshape(n_samples, f.shape[1], -1)
     return mean, torch.einsum("sbi,sbj->bij", centred, centred) / (n_samples - 1)

@@ -21,21 +21,33 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import trange
 
+from marglik.curvature.batches import (
+    DICT_KEY_X,
+    DICT_KEY_Y,
+    Inputs,
+    batch_size,
+    call_model,
+    split_batch,
+    to_model,
+)
 from marglik.likelihoods import Likelihood, get_likelihood
 from marglik.posterior.prior import Prior
 
 __all__ = ["map_loss", "prior_term", "train_map"]
 
 
-def _n_data(loader: Iterable) -> int:
-    """Number of samples N in ``loader``: ``len(loader.dataset)`` if it has one, else counted."""
+def _n_data(loader: Iterable, dict_key_x: str = DICT_KEY_X, dict_key_y: str = DICT_KEY_Y) -> int:
+    """Number of samples N in ``loader``: ``len(loader.dataset)`` if it has one, else counted
+    batch by batch (:func:`~marglik.curvature.batches.batch_size`, dict batches included)."""
     dataset = getattr(loader, "dataset", None)
     if dataset is not None:
         try:
             return len(dataset)
         except TypeError:
             pass
-    return sum(len(batch[0]) for batch in loader)
+    return sum(
+        batch_size(split_batch(batch, dict_key_x, dict_key_y)[0], dict_key_x) for batch in loader
+    )
 
 
 def _weights(model: nn.Module, exclude: Collection[Tensor] = ()) -> list[tuple[str, Tensor]]:
@@ -75,7 +87,7 @@ def prior_term(
 def map_loss(
     model: nn.Module,
     likelihood: Likelihood,
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
     prior_precision: float | Tensor,
     n_data: int,
@@ -83,9 +95,11 @@ def map_loss(
 ) -> Tensor:
     """(1/B) Σ_b −log p(y_b | f(x_b)) + δ‖θ‖²/(2N) for a batch x (B, ...), y (B, ...): 0-d.
 
-    The prior covers the trainable parameters except those in ``exclude``.
+    x may also be a dict of tensors (``model(x)``) or a tuple of them (``model(*x)``), see
+    :mod:`marglik.curvature.batches`. The prior covers the trainable parameters except those in
+    ``exclude``.
     """
-    nll = -likelihood.log_prob(model(x), y).mean()
+    nll = -likelihood.log_prob(call_model(model, x), y).mean()
     return nll + prior_term(model, prior_precision, n_data, exclude)
 
 
@@ -99,12 +113,16 @@ def train_map(
     weight_decay: float | None = None,
     sigma_noise: float | Tensor = 1.0,
     progress: bool = False,
+    dict_key_x: str = DICT_KEY_X,
+    dict_key_y: str = DICT_KEY_Y,
 ) -> dict[str, list[float]]:
     """Train ``model`` in place to the MAP weights by Adam; return the per-epoch mean loss.
 
     Args:
         model: the network; all parameters with ``requires_grad`` are trained.
-        loader: any re-iterable of (x, y) batches (a DataLoader, or a list with one full batch).
+        loader: any re-iterable of (x, y) batches (a DataLoader, or a list with one full batch),
+            or of dict batches (see ``dict_key_x``); x may be a tensor, a dict of tensors
+            (``model(x)``) or a tuple of tensors (``model(*x)``).
         likelihood: ``"regression" | "classification" | "binary"`` or a
             :class:`~marglik.likelihoods.Likelihood`.
         n_epochs: passes over ``loader``.
@@ -116,6 +134,9 @@ def train_map(
         sigma_noise: σ of the Gaussian likelihood for ``"regression"`` (a Likelihood object
             carries its own).
         progress: show a tqdm bar over epochs.
+        dict_key_x, dict_key_y: for a loader yielding dicts (``UserDict``, ``BatchEncoding``),
+            as in laplace-torch: the whole dict is the model input, ``batch[dict_key_y]`` the
+            targets and ``batch[dict_key_x].shape[0]`` the batch size.
 
     Returns:
         ``{"loss": [...]}``, the mean batch loss of every epoch.
@@ -125,7 +146,7 @@ def train_map(
     if n_epochs < 0:
         raise ValueError(f"n_epochs must be non-negative, got {n_epochs}")
     lik = get_likelihood(likelihood, sigma_noise)
-    n_data = _n_data(loader)
+    n_data = _n_data(loader, dict_key_x, dict_key_y)
     if n_data == 0:
         raise ValueError("the data loader is empty")
     if weight_decay is not None:
@@ -141,9 +162,9 @@ def train_map(
     bar = trange(n_epochs, disable=not progress, desc="MAP", leave=False)
     for _ in bar:
         total, batches = 0.0, 0
-        for x, y in loader:
-            x = x.to(param.device, param.dtype if x.is_floating_point() else None)
-            y = y.to(param.device)
+        for batch in loader:
+            x, y = split_batch(batch, dict_key_x, dict_key_y)
+            x, y = to_model(x, model), y.to(param.device)
             optimizer.zero_grad()
             loss = map_loss(model, lik, x, y, prior_precision, n_data)
             loss.backward()

@@ -29,10 +29,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import trange
 
+from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, split_batch, to_model
 from marglik.evidence.optimize import HyperparameterStep
 from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
 from marglik.posterior import Laplace
 from marglik.training.map import _n_data, map_loss
+from marglik.training.optimizers import make_optimizer, optimizer_arguments
 
 
 def marglik_training(
@@ -42,7 +44,7 @@ def marglik_training(
     hessian_structure: str = "kron",
     prior_structure: str = "layerwise",
     n_epochs: int = 100,
-    lr: float = 1e-3,
+    lr: float | None = None,
     lr_hyp: float = 1e-1,
     n_epochs_burnin: int = 0,
     marglik_frequency: int = 1,
@@ -56,20 +58,33 @@ def marglik_training(
     progress: bool = False,
     hyperparameters: Tensor | Iterable[Tensor] | None = None,
     hyper_batches: int | None = None,
-) -> tuple[Laplace, nn.Module, dict[str, list]]:
+    dict_key_x: str = DICT_KEY_X,
+    dict_key_y: str = DICT_KEY_Y,
+    *,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
+    optimizer_kwargs: dict[str, Any] | None = None,
+    scheduler_cls: type | None = None,
+    scheduler_kwargs: dict[str, Any] | None = None,
+    temperature: float = 1.0,
+    fix_sigma_noise: bool = False,
+    progress_bar: bool = False,
+    returns: str = "history",
+) -> (tuple[Laplace, nn.Module, dict[str, list]]
+      | tuple[Laplace, nn.Module, list[float], list[float]]):
     """Train ``model`` and its hyperparameters jointly by the Laplace evidence.
 
     Args:
         model: the network (trained in place; all its parameters except registered
             ``hyperparameters`` are in the posterior).
-        train_loader: a re-iterable DataLoader of (x, y).
+        train_loader: a re-iterable DataLoader of batches as :class:`~marglik.Laplace` takes.
         likelihood: ``"classification" | "regression" | "binary"`` or a Likelihood object
             (e.g. :class:`~marglik.likelihoods.NaturalGaussian` for heteroscedastic regression).
         hessian_structure: ``"kron" | "full" | "diag"`` (``"lowrank"`` works but is slow).
         prior_structure: ``"scalar" | "layerwise" | "diagonal"``; ``"layerwise"`` is one δ per
             prior group: per parameter tensor, or per group of
             ``laplace_kwargs["prior_groups"]`` (the MAP prior term then uses the same groups).
-        n_epochs, lr: epochs and Adam learning rate of θ.
+        n_epochs, lr: epochs and learning rate of θ's optimizer (default: 1e-3 for Adam, or
+            ``optimizer_kwargs["lr"]``; giving both raises).
         lr_hyp, n_hypersteps: Adam on the hyperparameters, steps per evidence update.
         n_epochs_burnin, marglik_frequency: B and F of Algorithm 1.
         tune_sigma: learn σ (default: True for a Gaussian likelihood).
@@ -100,13 +115,27 @@ def marglik_training(
             first ``hyper_batches`` batches of a fresh pass over ``train_loader`` (different
             batches per step for a shuffling loader). The n of N samples stand for the data
             set: curvature and data fit are scaled by N/n, a cheaper, noisier evidence.
+        dict_key_x, dict_key_y: keys of dict batches as in :class:`~marglik.Laplace`, used
+            here and passed to every Laplace (give them here, not in ``laplace_kwargs``).
+        optimizer_cls, optimizer_kwargs, scheduler_cls, scheduler_kwargs: θ's optimizer
+            ``optimizer_cls(params, **optimizer_kwargs)`` (default Adam; a ``weight_decay`` is
+            set to 0 with a warning: the prior is the weight decay) and an optional scheduler,
+            stepped after every batch and saved in ``checkpoint``, as in laplace-torch.
+        temperature: T of p(θ|D) ∝ p(D|θ)^{1/T} p(θ), as in :class:`Laplace`: the MAP step
+            minimises the mean NLL + T·θᵀdiag(δ)θ/(2N) and each Laplace gets T.
+        fix_sigma_noise, progress_bar: laplace-torch's names for ``tune_sigma=False`` (σ stays
+            ``sigma_noise_init``) and ``progress``.
+        returns: ``"history"`` or ``"laplace-torch"``: (la, model, margliks, losses), with
+            ``margliks`` = ``history["neg_log_marglik"]`` and ``losses`` = ``history["loss"]``.
 
     Returns:
         (la, model, history): the fitted Laplace at the best-evidence state, the model holding
         those weights (and the hyperparameters set to their values at that state), and
         per-epoch lists ``"loss"``, ``"log_marglik"`` (NaN when not evaluated),
         ``"prior_precision"``, ``"sigma_noise"`` and, with ``hyperparameters``,
-        ``"hyperparameters"`` (per epoch a list with each tensor's ``tolist()``).
+        ``"hyperparameters"`` (per epoch a list with each tensor's ``tolist()``); and
+        ``"neg_log_marglik"``, −log Z before each hyperparameter step (``n_hypersteps`` per
+        evidence update; laplace-torch's ``margliks``).
 
     Raises:
         ValueError: for hyperparameters that are not leaf floating tensors requiring grad,
@@ -114,17 +143,37 @@ def marglik_training(
             affect the evidence; and for a structure or curvature that cannot differentiate
             the curvature.
     """
+    if returns not in ("history", "laplace-torch"):
+        raise ValueError(f"returns must be 'history' or 'laplace-torch', got {returns!r}")
+    if prior_structure == "diag":  # laplace-torch's name
+        prior_structure = "diagonal"
+    progress = progress or progress_bar
+    if temperature <= 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    optimizer_kwargs = optimizer_arguments(optimizer_cls, optimizer_kwargs, lr)
     lik = get_likelihood(likelihood, sigma_noise_init)
+    if fix_sigma_noise:
+        if tune_sigma:
+            raise ValueError("fix_sigma_noise=True contradicts tune_sigma=True")
+        tune_sigma = False
     if tune_sigma is None:
         tune_sigma = isinstance(lik, Gaussian)
     if tune_sigma and not isinstance(lik, Gaussian):
         raise ValueError(f"tune_sigma needs a Gaussian likelihood, not {lik.task}")
     if marglik_frequency < 1 or n_epochs < 1:
         raise ValueError("n_epochs and marglik_frequency must be at least 1")
-    n_data = _n_data(train_loader)
+    laplace_kwargs = dict(laplace_kwargs or {})
+    if {"dict_key_x", "dict_key_y"} & set(laplace_kwargs):
+        raise ValueError("give dict_key_x, dict_key_y to marglik_training, not in laplace_kwargs")
+    laplace_kwargs.update(dict_key_x=dict_key_x, dict_key_y=dict_key_y)
+    n_data = _n_data(train_loader, dict_key_x, dict_key_y)
     if n_data == 0:
         raise ValueError("the data loader is empty")
-    laplace_kwargs = dict(laplace_kwargs or {})
+    if temperature != 1.0:
+        if "temperature" in laplace_kwargs:
+            raise ValueError("give temperature once: temperature= or laplace_kwargs")
+        laplace_kwargs["temperature"] = temperature
+    temperature = float(laplace_kwargs.get("temperature", 1.0))
     extra = _check_hyperparameters(hyperparameters, model)
     subset: dict[str, Any] = {"subset_of_weights": "all"}
     if extra:
@@ -180,12 +229,16 @@ def marglik_training(
     )
     log_prior, log_sigma = hyper.log_prior, hyper.log_sigma
     extra_ids = {id(h) for h in extra}
-    optimizer = torch.optim.Adam([p for p in model.parameters() if id(p) not in extra_ids], lr=lr)
+    optimizer, scheduler = make_optimizer(
+        (p for p in model.parameters() if id(p) not in extra_ids), optimizer_cls,
+        optimizer_kwargs, scheduler_cls, scheduler_kwargs,
+    )
     history: dict[str, list] = {
         "loss": [],
         "log_marglik": [],
         "prior_precision": [],
         "sigma_noise": [],
+        "neg_log_marglik": [],
     }
     if extra:
         history["hyperparameters"] = []
@@ -210,7 +263,10 @@ def marglik_training(
                 log_sigma.copy_(state["log_sigma"])
             for h, value in zip(extra, saved):
                 h.copy_(value)
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         history, best, start = state["history"], state["best"], state["epoch"] + 1
+        history.setdefault("neg_log_marglik", [])
         torch.set_rng_state(state["rng"])
         if loader_rng is not None:
             loader_rng.set_state(state["loader_rng"])
@@ -221,16 +277,21 @@ def marglik_training(
         delta = log_prior.detach().exp()
         # the MAP prior term reads δ per parameter tensor; user prior groups are expanded first
         delta_map = delta if la.prior.groups is None else la.prior.expand(delta)
+        if temperature != 1.0:  # the mode of p(D|θ)^(1/T) p(θ)
+            delta_map = temperature * delta_map
         if log_sigma is not None:
             lik.sigma = log_sigma.detach().exp()
         model.train()
         total, batches = 0.0, 0
-        for x, y in train_loader:
-            x = x.to(param.device, param.dtype if x.is_floating_point() else None)
+        for batch in train_loader:
+            x, y = split_batch(batch, dict_key_x, dict_key_y)
+            x = to_model(x, model)
             optimizer.zero_grad()
             loss = map_loss(model, lik, x, y.to(param.device), delta_map, n_data, extra)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             total, batches = total + loss.item(), batches + 1
         history["loss"].append(total / batches)
 
@@ -243,12 +304,12 @@ def marglik_training(
                     return _differentiable_evidence(refit, hyper_loader, n_data, d, s)
 
                 for _ in range(n_hypersteps):
-                    hyper.step(objective)
+                    history["neg_log_marglik"].append(-hyper.step(objective))
                 la = new_laplace(delta, sigma).fit(train_loader)
             else:
                 la = new_laplace(delta, sigma).fit(train_loader)
                 for _ in range(n_hypersteps):
-                    hyper.step(la.log_marginal_likelihood)
+                    history["neg_log_marglik"].append(-hyper.step(la.log_marginal_likelihood))
             s = log_sigma.detach().exp() if log_sigma is not None else None
             log_marglik = la.log_marginal_likelihood(log_prior.detach().exp(), s).item()
             if log_marglik > best["log_marglik"]:
@@ -283,6 +344,7 @@ def marglik_training(
                     "rng": torch.get_rng_state(),
                     "loader_rng": None if loader_rng is None else loader_rng.get_state(),
                     **extra_state,
+                    **({} if scheduler is None else {"scheduler": scheduler.state_dict()}),
                 },
                 checkpoint,
             )
@@ -303,6 +365,8 @@ def marglik_training(
         lik.sigma = sigma
     model.eval()
     la = new_laplace(delta, sigma).fit(train_loader)
+    if returns == "laplace-torch":
+        return la, model, list(history["neg_log_marglik"]), list(history["loss"])
     return la, model, history
 
 

@@ -27,6 +27,9 @@ def select_architecture(
 ) -> tuple[str, dict[str, float]]:
     """Train every candidate with :func:`marglik_training`; pick the best converged evidence.
 
+    ``kwargs`` go to :func:`marglik_training`, e.g. ``dict_key_x`` / ``dict_key_y`` for a loader
+    yielding dicts; the batches may be anything it accepts (:mod:`marglik.curvature.batches`).
+
     Returns:
         (name of the best candidate, {name: converged log marginal likelihood}).
     """
