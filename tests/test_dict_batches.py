@@ -437,3 +437,13 @@ def test_graph_paths_with_dict_inputs(data):
         torch.testing.assert_close(p.detach(), p_ref)
         (grad,) = torch.autograd.grad(p[:, 0].sum(), x["attention_mask"])
         assert grad.shape == (4, T) and grad.abs().sum() > 0
+
+
+def test_n_data_counts_the_samples_of_a_loader_over_prebuilt_batches():
+    """DataLoader(list_of_batches, batch_size=None) yields whole batches: count samples."""
+    from marglik.training.map import _n_data
+
+    ids = torch.randint(0, 5, (7, 3))
+    batches = [{"input_ids": ids[:4], "labels": torch.zeros(4)},
+               {"input_ids": ids[4:], "labels": torch.zeros(3)}]
+    assert _n_data(DataLoader(batches, batch_size=None)) == 7

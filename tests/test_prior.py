@@ -205,3 +205,18 @@ def test_online_training_learns_one_prior_precision_per_group():
                    for g, members in enumerate(GROUPS)) / (2 * 30)
     ours = marglik.training.prior_term(model, la.prior.expand(delta), 30).detach()
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+
+
+def test_a_checked_precision_modified_in_place_is_checked_again():
+    from marglik.posterior.prior import check_precision
+
+    delta = torch.tensor([1.0, 2.0])
+    assert check_precision(delta) is delta
+    assert check_precision(delta) is delta  # same object, unchanged: not checked again
+    delta.mul_(-1)
+    with pytest.raises(ValueError, match="positive"):
+        check_precision(delta)
+    zero = torch.tensor(0.0)
+    assert check_precision(zero, allow_zero=True) is zero
+    with pytest.raises(ValueError, match="positive"):  # allowed with zeros is not enough
+        check_precision(zero)

@@ -6,6 +6,8 @@ gives exact full and diagonal curvature. Memory is N·K·P per chunk; callers ch
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
@@ -39,14 +41,65 @@ def per_sample_column_grads(
 
     out = []
     for start in range(0, U.shape[1], chunk):
-        grads = vmap(sample_grads)(
-            slice_inputs(x, start, start + chunk), U[:, start : start + chunk].transpose(0, 1)
-        )
+        try:
+            grads = vmap(sample_grads)(
+                slice_inputs(x, start, start + chunk), U[:, start : start + chunk].transpose(0, 1)
+            )
+        except RuntimeError as err:  # ops vmap cannot batch (e.g. nn.GRU / LSTM / RNN)
+            _warn_fallback(model, err)
+            G = per_sample_column_grads_looped(model, subset, x, U)
+            return G if subset.index is None else G[..., subset.index]
         # (n, K, width); reshape, not flatten(2): a 0-d parameter's gradients are (n, K)
         flat = torch.cat([g.reshape(*g.shape[:2], -1) for g in grads.values()], dim=2)
         out.append(flat.transpose(0, 1))
     G = torch.cat(out, dim=1)
     return G if subset.index is None else G[..., subset.index]
+
+
+_WARNED: set[type] = set()
+
+
+def _warn_fallback(model: nn.Module, err: RuntimeError) -> None:
+    if type(model) not in _WARNED:
+        _WARNED.add(type(model))
+        warnings.warn(
+            f"torch.func.vmap cannot run {type(model).__name__} per sample ({str(err)[:120]}); "
+            "per-sample gradients fall back to one backward pass per sample (exact, slower)",
+            stacklevel=4,
+        )
+
+
+def per_sample_column_grads_looped(
+    model: nn.Module, subset: ParameterSubset, x: Inputs, U: Tensor
+) -> Tensor:
+    """:func:`per_sample_column_grads` with one forward and one backward pass per sample: (K, N, P).
+
+    The fallback for models whose ops ``vmap`` cannot batch (recurrent layers): exact, with the
+    K output columns batched in each backward pass (``is_grads_batched``) where autograd can,
+    else one pass per column.
+    """
+    params = {n: p.detach().requires_grad_(True) for n, p in subset.parameters(model).items()}
+    leaves = list(params.values())
+    K = U.shape[0]
+    samples = []
+    with torch.enable_grad():
+        for n in range(U.shape[1]):
+            f_n = functional_call(model, params, model_args(slice_inputs(x, n, n + 1)))
+            cols = U[:, n : n + 1]
+            try:
+                grads = torch.autograd.grad(f_n, leaves, cols, retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True)
+            except RuntimeError:
+                per_col = [torch.autograd.grad(f_n, leaves, cols[k], retain_graph=True,
+                                               allow_unused=True) for k in range(K)]
+                grads = tuple(
+                    None if per_col[0][i] is None else torch.stack([c[i] for c in per_col])
+                    for i in range(len(leaves))
+                )
+            flat = [(torch.zeros(K, p.numel(), dtype=p.dtype, device=p.device) if g is None
+                     else g.reshape(K, -1)) for g, p in zip(grads, leaves)]
+            samples.append(torch.cat(flat, 1).detach())
+    return torch.stack(samples, 1)
 
 
 def per_sample_column_grads_autograd(

@@ -21,6 +21,7 @@ per group even when G = P (then both readings agree).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -32,8 +33,22 @@ __all__ = ["PRIOR_STRUCTURES", "Prior", "check_precision"]
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diagonal")
 
 
+#: The tensor last found valid, its version counter and whether zeros were allowed: one
+#: evidence evaluation passes the same δ through several checks, and each check costs reductions.
+_last_valid: tuple[weakref.ref, int, bool] | None = None
+
+
 def check_precision(value: float | Tensor, allow_zero: bool = False) -> Tensor:
-    """δ as a tensor, 0-d or 1-d, finite and positive (non-negative with ``allow_zero``)."""
+    """δ as a tensor, 0-d or 1-d, finite and positive (non-negative with ``allow_zero``).
+
+    A tensor checked just before (the same object, not modified in place since) is not checked
+    again.
+    """
+    global _last_valid
+    if torch.is_tensor(value) and _last_valid is not None:
+        ref, version, zero_ok = _last_valid
+        if ref() is value and value._version == version and (allow_zero or not zero_ok):
+            return value
     value = torch.as_tensor(
         value, dtype=None if torch.is_tensor(value) else torch.get_default_dtype()
     )
@@ -45,6 +60,7 @@ def check_precision(value: float | Tensor, allow_zero: bool = False) -> Tensor:
     if not torch.isfinite(value).all() or bad:
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"prior_precision must be {kind} and finite")
+    _last_valid = (weakref.ref(value), value._version, allow_zero)
     return value
 
 

@@ -37,10 +37,11 @@ __all__ = ["map_loss", "prior_term", "train_map"]
 
 
 def _n_data(loader: Iterable, dict_key_x: str = DICT_KEY_X, dict_key_y: str = DICT_KEY_Y) -> int:
-    """Number of samples N in ``loader``: ``len(loader.dataset)`` if it has one, else counted
-    batch by batch (:func:`~marglik.curvature.batches.batch_size`, dict batches included)."""
+    """Number of samples N in ``loader``: ``len(loader.dataset)`` if it has one (and batches
+    its items: ``batch_size`` not None), else counted batch by batch
+    (:func:`~marglik.curvature.batches.batch_size`, dict batches included)."""
     dataset = getattr(loader, "dataset", None)
-    if dataset is not None:
+    if dataset is not None and getattr(loader, "batch_size", 1) is not None:
         try:
             return len(dataset)
         except TypeError:
