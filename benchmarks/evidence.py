@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from fit import epoch, median_time  # the same reference epoch and timer as benchmarks/fit.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -29,23 +28,6 @@ from marglik.data import load_digits_split
 def mlp(hidden: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                          nn.ReLU(), nn.Linear(hidden, 10))
-
-
-def epoch(model: nn.Module, loader: DataLoader) -> None:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for x, y in loader:
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
