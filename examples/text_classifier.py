@@ -2,9 +2,9 @@
 
 The data are made here (no downloads): sequences of 12 tokens from a vocabulary of 30; tokens
 1–10 are "positive", 11–20 "negative", the rest neutral; the label says whether a sequence holds
-more positive than negative tokens, with 10 % of the labels flipped. Sequences have random lengths and are padded (token 0) with an
-``attention_mask``, and the loader yields HuggingFace-style dicts
-``{"input_ids", "attention_mask", "labels"}``.
+more positive than negative tokens, with 10 % of the labels flipped. Sequences have random
+lengths and are padded (token 0) with an ``attention_mask``, and the loader yields
+HuggingFace-style dicts ``{"input_ids", "attention_mask", "labels"}``.
 
 A one-layer transformer encoder (``nn.TransformerEncoderLayer``, masked mean pooling) is trained
 to the MAP; then three Laplace posteriors are fitted on the same dict batches, each with its prior

@@ -21,7 +21,6 @@ gets the predictive and the evidence optimisation by implementing this class.
 
 from __future__ import annotations
 
-import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -29,14 +28,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from marglik.curvature.engine import batches, eval_mode
+from marglik.curvature.engine import eval_mode
 from marglik.evidence.optimize import optimize_hyperparameters
 from marglik.likelihoods import Gaussian, Likelihood
 from marglik.likelihoods.gaussian import check_sigma
 from marglik.posterior.prior import Prior
 from marglik.predictive import predict
+from marglik.predictive.validation import gridsearch_prior_precision
 
 __all__ = ["Posterior"]
 
@@ -230,8 +229,8 @@ class Posterior(ABC):
                 )
             if not isinstance(grid_size, int) or grid_size < 1:
                 raise ValueError(f"grid_size must be a positive integer, got {grid_size!r}")
-            history = self._gridsearch(
-                val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size,
+            history = gridsearch_prior_precision(
+                self, val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size,
                 pred_type, link_approx, n_samples, progress,
             )
         else:
@@ -245,88 +244,6 @@ class Posterior(ABC):
         if verbose:
             print(f"Optimized prior precision is {self.prior_precision}.")
         return history
-
-    def _gridsearch(
-        self,
-        val_loader: Iterable,
-        loss: Callable[..., Any] | None,
-        log_min: float,
-        log_max: float,
-        grid_size: int,
-        pred_type: str,
-        link_approx: str,
-        n_samples: int,
-        progress: bool,
-    ) -> dict[str, list]:
-        self.require_fit()
-        classify = self.likelihood.task in ("classification", "binary")
-        grid = torch.logspace(log_min, log_max, grid_size, dtype=torch.float64)
-        keys = {k: getattr(self, k) for k in ("dict_key_x", "dict_key_y") if hasattr(self, k)}
-        data = list(batches(val_loader, self.model, **keys))
-        if not data:
-            raise ValueError("the validation loader is empty")
-        before = self.prior_precision
-        losses: list[float] = []
-        try:
-            for delta in tqdm(grid, disable=not progress, desc="grid search"):
-                self.prior_precision = delta.to(self.dtype)
-                try:
-                    value = self._validation_loss(
-                        data, loss, classify, pred_type, link_approx, n_samples
-                    )
-                except torch.linalg.LinAlgError:  # e.g. a Cholesky factor of a singular matrix
-                    value = math.inf
-                losses.append(value if math.isfinite(value) else math.inf)
-        except BaseException:
-            self.prior_precision = before
-            raise
-        best = min(range(len(losses)), key=losses.__getitem__)
-        if not math.isfinite(losses[best]):
-            self.prior_precision = before
-            raise ValueError("grid search: the validation loss is not finite for any δ")
-        self.prior_precision = grid[best].to(self.dtype)
-        return {"prior_precision": grid.tolist(), "loss": losses}
-
-    def _validation_loss(self, data: list, loss: Callable[..., Any] | None, classify: bool,
-                         pred_type: str, link_approx: str, n_samples: int) -> float:
-        """The loss of the current predictive on the validation batches (lower is better)."""
-        kw = {"link_approx": link_approx} if classify else {}
-        online = loss is not None and all(
-            hasattr(loss, a) for a in ("reset", "update", "compute")
-        )
-        if online:
-            loss.reset()
-        outputs, targets = [], []
-        for x, y in data:
-            out = self(x, pred_type=pred_type, n_samples=n_samples, **kw)
-            if online:
-                if isinstance(out, tuple):
-                    try:
-                        loss.update(*out, y)
-                    except TypeError:  # a metric of (prediction, target) only
-                        loss.update(out[0], y)
-                else:
-                    loss.update(out, y)
-            else:
-                outputs.append(out)
-                targets.append(y)
-        if online:
-            return float(torch.as_tensor(loss.compute()).sum())
-        y = torch.cat(targets)
-        if classify:
-            probs = torch.cat(outputs)
-            if loss is not None:
-                return float(loss(probs, y))
-            return float(_categorical_nll(probs, y, self.likelihood.task == "binary"))
-        mean = torch.cat([o[0] for o in outputs])
-        var = torch.cat([o[1] for o in outputs])
-        if loss is not None:
-            return float(loss(mean, var, y))
-        if self.sigma_noise is None:
-            raise ValueError(
-                f"grid search needs loss=... for a {type(self.likelihood).__name__} likelihood"
-            )
-        return float(_gaussian_nll(mean, var, self.sigma_noise, y))
 
     def predictive_samples(
         self,
@@ -418,24 +335,3 @@ class Posterior(ABC):
             )
         return predict(self, x, pred_type, link_approx, joint, n_samples, generator,
                        pred_var=pred_var, enable_backprop=enable_backprop, chunk_size=chunk_size)
-
-
-def _categorical_nll(probs: Tensor, y: Tensor, binary: bool) -> Tensor:
-    """Mean −log p(y) of predictive probabilities (B, ..., C), or p(y=1) (B, ...) if binary."""
-    tiny = torch.finfo(probs.dtype).tiny
-    if binary:
-        y = y.reshape(probs.shape).to(probs)
-        return -(y * probs.clamp_min(tiny).log()
-                 + (1 - y) * (1 - probs).clamp_min(tiny).log()).mean()
-    logp = probs.clamp_min(tiny).log().reshape(-1, probs.shape[-1])
-    return -logp.gather(1, y.reshape(-1, 1).long().to(logp.device)).mean()
-
-
-def _gaussian_nll(mean: Tensor, var: Tensor, sigma: Tensor, y: Tensor) -> Tensor:
-    """Mean −log N(y; f_mean, f_var + σ²I) over inputs, f_var (B, D, D)."""
-    B, D = mean.shape[0], var.shape[-1]
-    sigma = sigma.detach().to(var).reshape(-1)
-    noise = sigma.repeat(D // sigma.numel())
-    cov = var + torch.diag_embed(noise.square().expand(B, D))
-    dist = torch.distributions.MultivariateNormal(mean.reshape(B, D), covariance_matrix=cov)
-    return -dist.log_prob(y.reshape(B, D).to(mean)).mean()
