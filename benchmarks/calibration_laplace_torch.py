@@ -99,7 +99,7 @@ def lt_row(subset: str, structure: str, prior: str, link: str) -> cs.RowFn:
                 la._study_key = (name, i)
                 if link == "nn":
                     p = la(x[i:i + step], pred_type="nn", link_approx="mc",
-                           n_samples=ctx.n_samples)
+                           n_samples=ctx.nn_samples)
                 else:
                     p = la(x[i:i + step], pred_type="glm", link_approx=link,
                            n_samples=ctx.n_samples)

@@ -21,7 +21,8 @@ returns a predictor ``(set name, x) -> probabilities``): ``map`` (the network), 
 layer (``kron``, ``full``) or all weights (``kron``, ``diag``, ``lowrank``), fitted once on the
 training set, with the prior precision tuned by the evidence
 (``optimize_prior_precision(prior_structure=...)``, default arguments otherwise), and the GLM
-predictive with the probit or Monte Carlo link, or the sampling (``nn``) predictive. A new
+predictive with the probit or Monte Carlo link (``--samples``, default 100 as in both
+libraries), or the sampling (``nn``) predictive (``--nn-samples``, default 20 forward passes). A new
 posterior variant is one more ``register_row`` call. The probit and MC links of one posterior
 share its GLM moments (``marglik.predictive.glm_moments`` + ``apply_link``, exactly what
 ``la(x, link_approx=...)`` computes).
@@ -222,6 +223,7 @@ class Context:
     seed: int
     n_samples: int
     rank: int
+    nn_samples: int = 20
     cache: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
 
@@ -280,7 +282,7 @@ def marglik_row(subset: str, structure: str, prior: str, link: str) -> RowFn:
         def predict(name: str, x: Tensor) -> Tensor:
             gen = torch.Generator().manual_seed(ctx.seed)
             if link == "nn":
-                return la(x, pred_type="nn", n_samples=ctx.n_samples, generator=gen)
+                return la(x, pred_type="nn", n_samples=ctx.nn_samples, generator=gen)
             if f"moments:{key}:{name}" not in ctx.cache:  # shared by the links, timed once
                 t0 = time.perf_counter()
                 ctx.cache[f"moments:{key}:{name}"] = glm_moments(la, x)
@@ -344,7 +346,7 @@ def run_rows(library: str, rows: dict[str, RowFn], names: list[str], net: str,
              seed: int, emit: Callable[[dict], None]) -> None:
     """Evaluate ``names`` of ``rows`` on one network; one record per row through ``emit``."""
     ctx = Context(model, _loader(data.x_train, data.y_train, args.fit_batch, False),
-                  seed, args.samples, args.rank)
+                  seed, args.samples, args.rank, args.nn_samples)
     for name in names:
         t0 = time.perf_counter()
         before = dict(ctx.timings)
@@ -416,7 +418,9 @@ def parse_args(argv=None, rows: dict[str, RowFn] = ROWS) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--wd-grid", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3])
     p.add_argument("--fit-batch", type=int, default=256)
-    p.add_argument("--samples", type=int, default=20, help="MC link and nn predictive samples")
+    p.add_argument("--samples", type=int, default=100, help="samples of the MC link")
+    p.add_argument("--nn-samples", type=int, default=20,
+                   help="weight samples of the nn predictive (a forward pass each)")
     p.add_argument("--rank", type=int, default=20, help="rank of the lowrank posterior")
     args = p.parse_args(argv)
     if args.quick:  # smaller defaults; sizes given explicitly are kept
