@@ -40,7 +40,7 @@ networks, and it keeps the graph of every batch in memory until the evidence is 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from marglik.curvature.accumulators import ACCUMULATORS, FitSpec, Sums
-from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, batches, call_model
+from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, Inputs, batches, call_model
 from marglik.curvature.columns import CURVATURES
 from marglik.curvature.kfac import KFAC_APPROXIMATIONS
 from marglik.curvature.layers import (
@@ -106,6 +106,7 @@ def fit_curvature(
     create_graph: bool = False,
     dict_key_x: str = DICT_KEY_X,
     dict_key_y: str = DICT_KEY_Y,
+    outputs: Callable[[Inputs], Tensor] | None = None,
 ) -> Curvature:
     """Accumulate the curvature of ``model`` under ``likelihood`` over ``loader``.
 
@@ -122,6 +123,12 @@ def fit_curvature(
             under ``torch.distributed``.
         dict_key_x, dict_key_y: for batches that are dicts: the key whose tensor gives the
             batch size and the key of the targets (see :mod:`marglik.curvature.batches`).
+        outputs: x -> the outputs (B, ...) at which the likelihood's statistics and Hessian Λ
+            are taken instead of the model's own f(x), with the model's Jacobian J(x) kept:
+            the GGN Jᵀ Λ(h) J of a model whose outputs differ from the network's by a constant
+            in θ — the tangent model h = J(x) t at its own mode
+            (:mod:`marglik.posterior.tangent`). Called before the recorded forward pass, so its
+            own forward passes are not recorded. Not with ``create_graph``.
     """
     if structure not in STRUCTURES:
         raise ValueError(f"unknown hessian_structure {structure!r}: use one of {STRUCTURES}")
@@ -137,6 +144,8 @@ def fit_curvature(
             )
         if is_distributed():
             raise ValueError("create_graph=True is not available under torch.distributed")
+        if outputs is not None:
+            raise ValueError("create_graph=True cannot be combined with outputs=")
     if structure == "kron" and subset.index is not None:
         raise ValueError(
             "KFAC needs whole parameter tensors: use 'full', 'diag' or 'lowrank' for a "
@@ -178,6 +187,10 @@ def fit_curvature(
     with eval_mode(model, trainable), recorder_type(layers) as recorder:
         data = batches(loader, model, dict_key_x, dict_key_y)
         for x, y in tqdm(data, disable=not progress, desc="curvature"):
+            h = None
+            if outputs is not None:  # before clear(): its forward passes are not recorded
+                with torch.no_grad():
+                    h = outputs(x)
             recorder.clear()
             grad_context = torch.enable_grad() if layers or create_graph else torch.no_grad()
             with grad_context:
@@ -192,7 +205,11 @@ def fit_curvature(
                     lmap = without_layers(lmap, silent)
                     spec = replace(spec, layers=lmap, rest=rest_subset(subset, lmap))
                 accumulator = accumulator_type(spec, sums)
-            fd, y = likelihood.validate(f if create_graph else f.detach(), y)
+            if h is not None and h.shape != f.shape:
+                raise ValueError(f"outputs(x) has shape {tuple(h.shape)}, the model's outputs "
+                                 f"{tuple(f.shape)}")
+            fd = f.detach() if h is None else h.to(f.dtype)
+            fd, y = likelihood.validate(f if create_graph else fd, y)
             for key, value in likelihood.statistics(fd, y).items():
                 sums.add("stat." + key, value)
             n_data += fd.shape[0]

@@ -34,6 +34,7 @@ from marglik.evidence.optimize import optimize_hyperparameters
 from marglik.likelihoods import Gaussian, Likelihood
 from marglik.likelihoods.gaussian import check_sigma
 from marglik.posterior.prior import Prior
+from marglik.posterior.tangent import optimize_tangent_evidence
 from marglik.predictive import predict
 from marglik.predictive.validation import gridsearch_prior_precision
 
@@ -169,17 +170,22 @@ class Posterior(ABC):
         n_samples: int = 100,
         verbose: bool = False,
         progress_bar: bool = False,
+        train_loader: Iterable | None = None,
     ) -> dict[str, list]:
-        """Tune δ (and σ) post hoc: by the evidence (``"marglik"``) or on validation data.
+        """Tune δ (and σ) post hoc: by the evidence (``"marglik"``, ``"tangent"``) or validation.
 
         ``"marglik"`` maximises the evidence over δ (and σ) by Adam in log space
         (:mod:`marglik.evidence`). ``"gridsearch"`` (laplace-torch's) tries the scalar δ
         ``torch.logspace(log_prior_prec_min, log_prior_prec_max, grid_size)`` (base 10) and keeps
         the one whose predictive ``la(x, pred_type, link_approx, n_samples)`` has the lowest
         ``loss`` on ``val_loader``; δ where the posterior cannot be formed count as +inf.
+        ``"tangent"`` maximises the evidence of the tangent model h(x) = J(x; θ*) t at its own
+        mode t* rather than at the network's weights θ* (Antorán et al., ICML 2022;
+        :mod:`marglik.posterior.tangent`), refitting the curvature at h* on ``train_loader``
+        in each round; afterwards the posterior holds that fit (``la.tangent`` is t*).
 
         Args:
-            method: ``"marglik"`` or ``"gridsearch"``.
+            method: ``"marglik"``, ``"tangent"`` or ``"gridsearch"``.
             prior_structure: ``"scalar" | "layerwise" | "diagonal"`` (``"diag"`` too); default
                 keeps δ's shape. Grid search searches a scalar δ.
             tune_sigma: also learn σ (regression only, scalar σ; ``"marglik"`` only).
@@ -189,6 +195,8 @@ class Posterior(ABC):
             pred_type, link_approx, n_samples: the predictive scored by grid search (ignored by
                 ``"marglik"``, as in laplace-torch).
             val_loader: validation batches (x, y) for grid search.
+            train_loader: the training batches for ``"tangent"`` (re-iterable; the data of
+                :meth:`fit`). ``n_steps`` is then the number of evidence steps per round.
             loss: validation loss for grid search, lower is better. Default: the mean negative
                 log predictive density — categorical / Bernoulli for classification, Gaussian
                 with covariance f_var + σ²I for regression (laplace-torch scores regression by
@@ -217,6 +225,16 @@ class Posterior(ABC):
             history = optimize_hyperparameters(
                 self, prior_structure, tune_sigma, n_steps, lr, init_prior_prec, progress
             )
+        elif method == "tangent":
+            if train_loader is None:
+                raise ValueError("method='tangent' needs the training data: train_loader=...")
+            if not hasattr(self, "tangent"):
+                raise ValueError(f"method='tangent' needs a weight-space Laplace posterior, not "
+                                 f"{type(self).__name__}")
+            history = optimize_tangent_evidence(
+                self, train_loader, prior_structure, tune_sigma, n_steps, lr, init_prior_prec,
+                progress=progress,
+            )
         elif method == "gridsearch":
             if val_loader is None:
                 raise ValueError("method='gridsearch' needs a validation loader: val_loader=...")
@@ -239,7 +257,7 @@ class Posterior(ABC):
                 if method in ("glm", "nn") else ""
             )
             raise ValueError(
-                f"unknown method {method!r}: use 'marglik' or 'gridsearch'{hint}"
+                f"unknown method {method!r}: use 'marglik', 'tangent' or 'gridsearch'{hint}"
             )
         if verbose:
             print(f"Optimized prior precision is {self.prior_precision}.")

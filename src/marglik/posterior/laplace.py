@@ -30,6 +30,7 @@ from marglik.posterior.glm import glm_moment_chunks, glm_moments
 from marglik.posterior.prior import Prior, check_precision
 from marglik.posterior.samples import sample_outputs
 from marglik.posterior.state import laplace_state, load_laplace_state
+from marglik.posterior.tangent import tangent_outputs
 from marglik.structures import BlockDiagonal
 
 __all__ = ["Laplace"]
@@ -127,6 +128,8 @@ class Laplace(Posterior):
         self.H: BlockDiagonal | None = None
         self.statistics: dict[str, Tensor] = {}
         self.n_data = 0
+        #: t of a fit of the tangent model (``fit(tangent=t)``), else None
+        self.tangent: Tensor | None = None
         self._sigma_fit: Tensor | None = None
 
     def _set_subset(self, subset: ParameterSubset) -> None:
@@ -135,7 +138,8 @@ class Laplace(Posterior):
 
     # ---- fitting ------------------------------------------------------------------------------
     def fit(
-        self, train_loader: Iterable, progress: bool = False, create_graph: bool = False
+        self, train_loader: Iterable, progress: bool = False, create_graph: bool = False,
+        tangent: Tensor | None = None,
     ) -> Laplace:
         """Fit the curvature over ``train_loader`` (any iterable of (x, y)) at the current weights.
 
@@ -150,6 +154,11 @@ class Laplace(Posterior):
         Take gradients with ``torch.autograd.grad(log_z, hyperparameters)``; the graph also
         reaches the weights. Exact GGN with ``"full"``, ``"diag"`` or ``"kron"`` only; see
         :func:`~marglik.curvature.engine.fit_curvature` for the cost.
+
+        With ``tangent=t`` (P,) the approximation is of the tangent model h(x) = J(x; θ*) t at t
+        (:mod:`marglik.posterior.tangent`): curvature Jᵀ Λ(h) J and data fit log p(y | h) at its
+        outputs, prior term at t; the predictive keeps the network's mean f(x; θ*).
+        ``optimize_prior_precision(method="tangent")`` finds t as the tangent model's mode.
         """
         with preserved(self.model):  # buffers saved once per fit, whatever runs inside
             if self.subset is None:  # last layer found from the first batch
@@ -160,6 +169,10 @@ class Laplace(Posterior):
                 self.last_layer_name = find_last_layer(self.model, x)
                 own = own_parameter_names(self.model, self.last_layer_name)
                 self._set_subset(select_subset(self.model, "subnetwork", own))
+            outputs = None
+            if tangent is not None:
+                tangent = self._check_tangent(tangent)
+                outputs = tangent_outputs(self.model, self.subset, tangent)
             curv: Curvature = fit_curvature(
                 self.model,
                 self.likelihood,
@@ -175,13 +188,26 @@ class Laplace(Posterior):
                 create_graph=create_graph,
                 dict_key_x=self.dict_key_x,
                 dict_key_y=self.dict_key_y,
+                outputs=outputs,
             )
         self.H, self.statistics, self.n_data = curv.structure, curv.statistics, curv.n_data
         self.mean = self.subset.vector(self.model)
+        self.tangent = None if tangent is None else tangent.detach().clone()
         self._sigma_fit = (
             self.sigma_noise.detach().clone() if self.sigma_noise is not None else None
         )
         return self
+
+    def _check_tangent(self, tangent: Tensor) -> Tensor:
+        """``tangent`` as a (P,) vector on the model's device and dtype, or a clear error."""
+        tangent = torch.as_tensor(tangent)
+        if tangent.shape != (self.subset.size,):
+            raise ValueError(f"tangent must have shape ({self.subset.size},), one value per "
+                             f"posterior parameter, got {tuple(tangent.shape)}")
+        if not torch.isfinite(tangent).all():
+            raise ValueError("tangent contains NaN/inf values")
+        param = next(self.model.parameters())
+        return tangent.detach().to(device=param.device, dtype=self._param_dtype)
 
     @property
     def is_fitted(self) -> bool:
@@ -273,10 +299,11 @@ class Laplace(Posterior):
         return self.log_det_ratio() + self.log_det_prior_precision.to(self.H.dtype)
 
     def scatter(self, prior_precision: Tensor | None = None) -> Tensor:
-        """(θ* − μ0)ᵀ P0 (θ* − μ0) (0-d)."""
+        """(θ* − μ0)ᵀ P0 (θ* − μ0) (0-d); at t for a fit of the tangent model."""
         self.require_fit()
         delta = self.prior.precision if prior_precision is None else prior_precision
-        return self.prior.scatter(self.mean, check_precision(delta))
+        point = self.mean if self.tangent is None else self.tangent
+        return self.prior.scatter(point, check_precision(delta))
 
     def log_marginal_likelihood(
         self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None

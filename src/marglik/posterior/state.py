@@ -51,6 +51,7 @@ def laplace_state(la: Laplace) -> dict:
         "subset_of_weights": la.subset_of_weights,
         "last_layer_name": getattr(la, "last_layer_name", None),
         "mean": la.mean,
+        "tangent": la.tangent,
         "prior_precision": la.prior.precision,
         "prior_mean": la.prior.mean,
         "prior_groups": la.prior.groups,
@@ -93,6 +94,8 @@ def load_laplace_state(la: Laplace, state: dict) -> None:
         _check_last_layer(la, state["last_layer_name"], names)
     H = block_from_state_dict(state["H"])
     sizes = {"the curvature": H.size, "the mean": state["mean"].numel()}
+    if state.get("tangent") is not None:
+        sizes["the tangent"] = state["tangent"].numel()
     for what, size in sizes.items():
         if size != subset.size:
             raise ValueError(
@@ -103,6 +106,7 @@ def load_laplace_state(la: Laplace, state: dict) -> None:
     la._set_subset(subset)
     device = next(la.model.parameters()).device  # tensors follow the model, as in nn.Module
     la.mean = state["mean"].to(device)
+    la.tangent = None if state.get("tangent") is None else state["tangent"].to(device)
     la.temperature = state["temperature"]
     if state["sigma_noise"] is not None:
         la.sigma_noise = state["sigma_noise"]

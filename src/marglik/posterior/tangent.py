@@ -1,0 +1,272 @@
+"""The tangent (linearised) model and its evidence at its own mode.
+
+Antorán, Janz, Allingham, Daxberger, Barbano, Nalisnick & Hernández-Lobato, "Adapting the
+linearised Laplace model evidence for modern deep learning", ICML 2022. The GLM predictive is the
+posterior predictive of the *tangent model*
+
+    h(x; t) = J(x; θ*) t,        t ~ N(μ0, P0⁻¹),
+
+a Bayesian linear model in the features J(x; θ*) (the network's Jacobian at its trained weights;
+the offset f(x; θ*) − J θ* is constant in t and left out). Its evidence is therefore the one to
+select the prior by — but the network's weights θ* are not its mode: for a ReLU network of L
+layers J θ* = L f (Euler), and the prior term ½‖θ*‖²_{P0} charges the tangent model for weight
+norm it does not need. The evidence of the tangent model at its own mode t*(P0),
+
+    log Z(P0) ≈ log p(y | h(·; t*)) − ½ (t* − μ0)ᵀ P0 (t* − μ0)
+                − ½ (log det(Jᵀ Λ(h*) J / T + P0) − log det P0),
+
+with the curvature at the tangent model's outputs h* = J t*, is maximised here by alternating a
+convex solve for t* (this module) with evidence steps on P0 at fixed t* and curvature
+(:mod:`marglik.evidence.optimize`): at t* the data fit's and prior term's gradients in P0 reduce
+to −½ (t* − μ0)ᵀ (∂P0) (t* − μ0) (t* is a stationary point), so the alternation is coordinate
+ascent on the evidence and its fixed points are its stationary points. On digits this moves the
+evidence-optimal δ from ~1.5 to ~100 and the all-weights KFAC posterior from test NLL 0.38
+(worse than the network's 0.14) to 0.12 (better); ``docs/calibration.md`` has the measurements.
+The predictive keeps the network's f(x; θ*) as its mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+from tqdm.auto import trange
+
+from marglik.curvature.batches import Inputs, batches, model_args, tree_map
+from marglik.curvature.runtime import eval_mode
+from marglik.curvature.subsets import ParameterSubset
+from marglik.evidence.optimize import optimize_hyperparameters
+from marglik.likelihoods import Likelihood
+
+if TYPE_CHECKING:
+    from marglik.posterior.laplace import Laplace
+
+__all__ = ["optimize_tangent_evidence", "tangent_mode", "tangent_outputs"]
+
+
+def tangent_outputs(
+    model: nn.Module, subset: ParameterSubset, t: Tensor
+) -> Callable[[Inputs], Tensor]:
+    """x -> h(x; t) = J(x; θ*) t, (B, ...) — one forward-mode pass (``torch.func.jvp``).
+
+    ``t`` (P,) lives in the subset's coordinates; parameters outside the subset are held fixed.
+    Differentiable in ``t``. Run it with the model in eval mode (as the curvature is fitted).
+    """
+    params = {n: p.detach() for n, p in subset.parameters(model).items()}
+
+    def tangents() -> dict[str, Tensor]:
+        flat = t
+        if subset.index is not None:
+            full = torch.zeros(sum(p.numel() for p in params.values()), dtype=t.dtype,
+                               device=t.device)
+            flat = full.index_put((subset.index,), t)
+        out, start = {}, 0
+        for name, p in params.items():
+            out[name] = flat[start : start + p.numel()].reshape(p.shape).to(p.dtype)
+            start += p.numel()
+        return out
+
+    def h(x: Inputs) -> Tensor:
+        def f(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(model, p, model_args(x))
+
+        return jvp(f, (params,), (tangents(),))[1]
+
+    return h
+
+
+def tangent_mode(
+    model: nn.Module,
+    subset: ParameterSubset,
+    likelihood: Likelihood,
+    loader: Iterable,
+    precision: Tensor,
+    prior_mean: Tensor,
+    start: Tensor,
+    max_iter: int = 200,
+    tol: float | None = None,
+    dict_key_x: str = "input_ids",
+    dict_key_y: str = "labels",
+) -> tuple[Tensor, dict[str, float]]:
+    """t* = argmin_t −Σ_n log p(y_n | J(x_n) t) + ½ (t − μ0)ᵀ P0 (t − μ0), a convex problem.
+
+    Full-batch L-BFGS with a strong-Wolfe line search; every function evaluation is one pass over
+    ``loader`` (a forward-mode and a backward pass per batch). For a log-concave likelihood
+    (Gaussian, categorical, Bernoulli) and P0 ≻ 0 the minimiser is unique.
+
+    Args:
+        precision: P0's diagonal, 0-d or (P,); prior_mean: μ0, 0-d or (P,).
+        start: t to start from (P,) (warm start across evidence iterations).
+        max_iter: function evaluations at most; tol: stop when the gradient's largest entry
+            is below ``tol`` times (1 + the largest entry of P0 (t − μ0)) at the start
+            (default 1e-6 in float64, 1e-4 in lower precision).
+
+    The batches are kept in memory for the evaluations when they take at most
+    :data:`REPLAY_BYTES` (one pass over the loader instead of one per evaluation), else the
+    loader is iterated each time.
+
+    Returns:
+        (t*, info) with info's ``"objective"``, ``"gradient"`` (largest entry at t*) and
+        ``"evaluations"``.
+    """
+    t = start.detach().clone().requires_grad_(True)
+    h = tangent_outputs(model, subset, t)
+    evaluations = 0
+    if tol is None:
+        tol = 1e-6 if t.dtype == torch.float64 else 1e-4
+    data = _replayable(lambda: batches(loader, model, dict_key_x, dict_key_y))
+
+    def objective() -> Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        t.grad = None
+        total = 0.5 * (precision * (t - prior_mean).square()).sum()
+        total.backward()
+        value = total.detach()
+        for x, y in data():
+            nll = -likelihood.log_prob(h(x), y).sum()
+            nll.backward()
+            value = value + nll.detach()
+        return value
+
+    with torch.no_grad():
+        scale = 1.0 + float((precision * (start - prior_mean)).abs().max())
+    optimizer = torch.optim.LBFGS([t], lr=1, max_iter=max_iter, history_size=50,
+                                  tolerance_grad=tol * scale, tolerance_change=0.0,
+                                  line_search_fn="strong_wolfe")
+    optimizer.step(objective)
+    final = objective()  # value and gradient at the returned t
+    info = {"objective": float(final), "gradient": float(t.grad.abs().max()),
+            "evaluations": evaluations}
+    return t.detach(), info
+
+
+#: largest data size (bytes) kept in memory by :func:`tangent_mode` between evaluations
+REPLAY_BYTES = 2**30
+
+
+def _nbytes(batch: object) -> int:
+    """Bytes of every tensor in a (nested) batch."""
+    sizes: list[int] = []
+    tree_map(lambda v: sizes.append(v.nbytes), batch)
+    return sum(sizes)
+
+
+def _replayable(make: Callable[[], Iterable]) -> Callable[[], Iterable]:
+    """A function returning the batches again: kept in memory if they are small, else re-read."""
+    kept, size = [], 0
+    for x, y in make():
+        size += _nbytes((x, y))
+        if size > REPLAY_BYTES:
+            return make
+        kept.append((x, y))
+    return lambda: kept
+
+
+def optimize_tangent_evidence(
+    la: Laplace,
+    train_loader: Iterable,
+    prior_structure: str | None = None,
+    tune_sigma: bool = False,
+    n_steps: int = 100,
+    lr: float = 0.1,
+    init_prior_prec: float | Tensor | None = None,
+    max_rounds: int = 50,
+    rtol: float | None = None,
+    progress: bool = False,
+) -> dict[str, list]:
+    """Maximise the tangent model's evidence at its own mode over δ (and σ); refit at the end.
+
+    Rounds of: t* for the current (δ, σ) (:func:`tangent_mode`, warm-started); the curvature and
+    data fit at h* = J t* (``la.fit(train_loader, tangent=t*)``); ``n_steps`` Adam steps on the
+    evidence in log δ (and log σ) at fixed t* and curvature. Stops when no δ (nor σ) moved by
+    more than ``rtol`` (relative; default 1e-4 in float64, 1e-3 in lower precision, where the
+    mode's own rounding moves δ by about that much) in a round, or after ``max_rounds`` rounds.
+    Every third round extrapolates log δ (and log σ) by Aitken's Δ² where the rounds contract.
+
+    Returns:
+        history: per round ``"log_marglik"`` (the evidence after the round's steps),
+        ``"prior_precision"``, ``"sigma_noise"`` and ``"mode_gradient"`` (the largest entry of
+        the tangent objective's gradient at t*).
+    """
+    la.require_fit()
+    if rtol is None:
+        rtol = 1e-4 if la.dtype == torch.float64 else 1e-3
+    history: dict[str, list] = {"log_marglik": [], "prior_precision": [], "sigma_noise": [],
+                                "mode_gradient": []}
+    t = la.tangent if la.tangent is not None else torch.zeros_like(la.mean)
+    logs: list[Tensor] = []  # log δ (and log σ) after each round, for the extrapolation
+    for k in trange(max_rounds, disable=not progress, desc="tangent evidence"):
+        before = _log_hyperparameters(la, tune_sigma)
+        with eval_mode(la.model, ()):
+            t, info = tangent_mode(
+                la.model, la.subset, la.likelihood, train_loader,
+                la.prior.expand(la.prior_precision).detach(), la.prior.mean, t, max_iter=50,
+                dict_key_x=la.dict_key_x, dict_key_y=la.dict_key_y,
+            )
+        la.fit(train_loader, tangent=t)
+        steps = optimize_hyperparameters(
+            la, prior_structure if k == 0 else None, tune_sigma, n_steps, lr,
+            init_prior_prec if k == 0 else None,
+        )
+        history["log_marglik"].append(steps["log_marglik"][-1])
+        history["prior_precision"].append(la.prior_precision.tolist())
+        history["sigma_noise"].append(None if la.sigma_noise is None else la.sigma_noise.item())
+        history["mode_gradient"].append(info["gradient"])
+        after = _log_hyperparameters(la, tune_sigma)
+        settled = ((after - before).abs() < rtol) | _switched_off(la, t, tune_sigma)
+        if k > 0 and bool(settled.all()):
+            break
+        logs.append(after)
+        if len(logs) == 3:  # Aitken's Δ² on the linearly converging rounds
+            _set_log_hyperparameters(la, _aitken(*logs), tune_sigma)
+            logs.clear()
+    return history
+
+
+def _log_hyperparameters(la: Laplace, tune_sigma: bool) -> Tensor:
+    """[log δ (per group or scalar), log σ] as one detached vector."""
+    parts = [la.prior_precision.detach().log().reshape(-1)]
+    if tune_sigma:
+        parts.append(la.sigma_noise.detach().log().reshape(-1))
+    return torch.cat(parts)
+
+
+def _switched_off(la: Laplace, t: Tensor, tune_sigma: bool) -> Tensor:
+    """Per entry of :func:`_log_hyperparameters`: a prior group the evidence switches off.
+
+    At the evidence's fixed point δ_g ‖t_g − μ0_g‖² = γ_g, the group's effective number of
+    parameters (MacKay 1992). Where it is below 10⁻³ the group no longer shapes the model and
+    its δ_g grows without bound (automatic relevance determination); its δ_g counts as settled.
+    """
+    delta = la.prior_precision.detach()
+    off = torch.zeros(delta.numel() + int(tune_sigma), dtype=torch.bool, device=delta.device)
+    if delta.ndim == 0:
+        return off
+    group = la.prior.expand(torch.arange(1, delta.numel() + 1, dtype=delta.dtype,
+                                         device=delta.device)).long() - 1
+    per_param = la.prior.expand(delta) * (t - la.prior.mean).square()
+    gamma = torch.zeros_like(delta.reshape(-1)).index_add_(0, group, per_param)
+    off[: delta.numel()] = gamma < 1e-3
+    return off
+
+
+def _set_log_hyperparameters(la: Laplace, logs: Tensor, tune_sigma: bool) -> None:
+    n = la.prior_precision.numel()
+    la.prior_precision = logs[:n].exp().reshape(la.prior_precision.shape)
+    if tune_sigma:
+        la.sigma_noise = logs[n:].exp().reshape(la.sigma_noise.shape)
+
+
+def _aitken(x0: Tensor, x1: Tensor, x2: Tensor) -> Tensor:
+    """x2 − Δ₁² / (Δ₁ − Δ₀) per entry where the rounds contract monotonically (0 < Δ₁/Δ₀ < 0.9),
+    x2 elsewhere; the jump is capped at 10 times the last step."""
+    d0, d1 = x1 - x0, x2 - x1
+    ratio = d1 / torch.where(d0 == 0, torch.ones_like(d0), d0)
+    ok = (d0 != 0) & (ratio > 0) & (ratio < 0.9)
+    jump = torch.where(ok, d1 * ratio / (1 - torch.where(ok, ratio, torch.zeros_like(ratio))),
+                       torch.zeros_like(d1))
+    return x2 + jump.clamp(-10 * d1.abs(), 10 * d1.abs())
