@@ -35,10 +35,11 @@ from torch import Tensor, nn
 
 from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, Replay
 from marglik.curvature.columns import output_columns
-from marglik.curvature.kfac import exact_layer_diagonal, kfac_statistics, layer_sample_gradients
+from marglik.curvature.kfac import exact_layer_diagonal, layer_sample_gradients
 from marglik.curvature.lanczos import ggn_matvec, lanczos
-from marglik.curvature.layers import LayerBatches, LayerMap, LayerRecord
+from marglik.curvature.layers import LayerMap, LayerRecord
 from marglik.curvature.per_sample import per_sample_column_grads, per_sample_column_grads_autograd
+from marglik.curvature.recorded import LayerBatches
 from marglik.curvature.runtime import eval_mode
 from marglik.curvature.subsets import ParameterSubset
 from marglik.likelihoods import Likelihood
@@ -125,7 +126,7 @@ class Accumulator:
         columns U of :meth:`columns` and the recorded layers.
 
         ``layers`` yields (record, a, b) one layer at a time, each formed on demand
-        (:class:`~marglik.curvature.layers.LayerBatches`).
+        (:class:`~marglik.curvature.recorded.LayerBatches`).
         """
         raise NotImplementedError
 
@@ -212,8 +213,7 @@ class KronAccumulator(Accumulator):
 
     def add_batch(self, x, fd, y, U, layers) -> None:
         spec = self.spec
-        for rec, a, b in layers:
-            A, G, count = kfac_statistics(a, b, spec.kfac_approx)
+        for rec, A, G, count in layers.kfac(spec.kfac_approx):
             self.sums.add(rec.name + ".A", A)
             self.sums.add(rec.name + ".G", G)
             self.sums.count(rec.name + ".count", count)

@@ -24,6 +24,14 @@ one accumulator
 (:mod:`marglik.curvature.accumulators`) with the same interface: the loop here records the
 layers, backpropagates the accumulator's output columns to them and hands it the batch.
 
+Cost. Every output column is one backward pass of the batch (all of them in one vmapped pass),
+so the exact GGN costs about K = C backward passes against a training step's one — C − 1 for
+the softmax, whose Hessian has rank C − 1 (:mod:`marglik.curvature.columns`); one sampled
+column per input (``"ggn-sampled"``, ``"ggn-mc"``) costs one. Layer inputs are kept as the
+forward arguments and turned into KFAC statistics one layer at a time
+(:class:`~marglik.curvature.layers.FitRecorder`), convolutions without unfolding every patch
+where a cheaper exact identity exists (:mod:`marglik.curvature.conv`).
+
 With ``create_graph=True`` nothing is detached: the curvature sums and the data-fit statistics
 keep their autograd graph to every tensor the forward pass uses other than the subset's own
 parameters θ (held fixed), so the Laplace evidence is differentiable in hyperparameters that
@@ -51,13 +59,8 @@ from marglik.curvature.accumulators import ACCUMULATORS, FitSpec, Sums
 from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, Inputs, batches, call_model
 from marglik.curvature.columns import CURVATURES
 from marglik.curvature.kfac import KFAC_APPROXIMATIONS
-from marglik.curvature.layers import (
-    GraphLayerRecorder,
-    LayerMap,
-    LayerRecorder,
-    layer_batches,
-    layer_map,
-)
+from marglik.curvature.layers import FitRecorder, GraphLayerRecorder, LayerMap, layer_map
+from marglik.curvature.recorded import layer_batches
 from marglik.curvature.runtime import accumulation_dtype, eval_mode
 from marglik.curvature.silent import (
     inconsistent_layers,
@@ -112,8 +115,11 @@ def fit_curvature(
 
     Args:
         structure: ``"full" | "diag" | "kron" | "lowrank"``.
-        curvature: ``"ggn"`` (exact generalised Gauss–Newton), ``"ef"`` (empirical Fisher) or
-            ``"ggn-mc"`` (Monte Carlo GGN with ``mc_samples`` sampled targets per input).
+        curvature: ``"ggn"`` (exact generalised Gauss–Newton), ``"ef"`` (empirical Fisher),
+            ``"ggn-mc"`` (Monte Carlo Fisher: ``mc_samples`` sampled targets per input) or
+            ``"ggn-sampled"`` (``mc_samples`` Rademacher combinations of the columns of Λ's
+            factor per input); both sampled curvatures are unbiased for the GGN, their
+            variances are stated in :mod:`marglik.curvature.columns`.
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers.
         rank: number of eigenpairs for ``"lowrank"`` (default min(P, 100)).
         create_graph: keep the autograd graph from the curvature and the statistics to every
@@ -180,7 +186,7 @@ def fit_curvature(
 
     n_data = 0
     trainable = subset.names
-    recorder_type = LayerRecorder
+    recorder_type = FitRecorder
     if create_graph:  # hyperparameters outside the subset stay in the graph
         trainable = [*subset.names, *(n for n, p in model.named_parameters() if p.requires_grad)]
         recorder_type = GraphLayerRecorder

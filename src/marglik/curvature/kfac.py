@@ -33,13 +33,84 @@ def kfac_statistics(a: Tensor, b: Tensor, approx: str = "expand") -> tuple[Tenso
     Returns:
         (A_sum (D_in, D_in), G_sum (D_out, D_out), count) with A = A_sum / count.
     """
+    return kfac_factors([input_statistics(a, approx)], [b], approx)
+
+
+def input_statistics(a: Tensor, approx: str) -> Tensor:
+    """What one call of a layer adds to A: Σ_{n,r} a aᵀ (D_in, D_in) for ``"expand"``,
+    Σ_r a (N, D_in) for ``"reduce"``; a is (N, R, D_in)."""
     if approx == "expand":
-        a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-        return a2.T @ a2, b2.T @ b2, a.shape[0] * a.shape[1]
+        return gram(a.reshape(-1, a.shape[-1]))
     if approx == "reduce":
-        a_bar, b_tilde = a.mean(1), b.sum(2).reshape(-1, b.shape[-1])
-        return a_bar.T @ a_bar, b_tilde.T @ b_tilde, a.shape[0]
+        return a.sum(1)
     raise ValueError(f"unknown kfac_approx {approx!r}: use one of {KFAC_APPROXIMATIONS}")
+
+
+def kfac_factors(
+    inputs: list[Tensor], grads: list[Tensor], approx: str
+) -> tuple[Tensor, Tensor, int]:
+    """(A_sum, G_sum, count) of one batch from the calls of a layer.
+
+    Args:
+        inputs: per call, :func:`input_statistics` (or a layer type's cheaper identity for it).
+        grads: per call, output-column gradients b (K, N, R_c, D_out); a layer called several
+            times has R = Σ_c R_c positions.
+        approx: ``"expand"`` (A_sum = Σ_{n,r} a aᵀ, count N·R, G = Σ_{k,n,r} b bᵀ) or
+            ``"reduce"`` (ā = Σ_r a / R, A_sum = Σ_n ā āᵀ, count N, G = Σ_{k,n} b̃ b̃ᵀ with
+            b̃ = Σ_r b).
+    """
+    N = grads[0].shape[1]
+    R = sum(b.shape[2] for b in grads)
+    if approx == "expand":
+        return sum(inputs), sum(output_gram(b) for b in grads), N * R
+    if approx == "reduce":
+        a_bar = sum(inputs) / R
+        b_tilde = sum(b.sum(2) for b in grads)
+        return gram(a_bar), gram(b_tilde.reshape(-1, b_tilde.shape[-1])), N
+    raise ValueError(f"unknown kfac_approx {approx!r}: use one of {KFAC_APPROXIMATIONS}")
+
+
+#: numbers a batched product in :func:`output_gram` may hold at once
+MAX_BATCHED = 2**24
+
+
+def gram(M: Tensor) -> Tensor:
+    """Mᵀ M (D, D) of rows M (n, D); M may be a transposed view.
+
+    For large M only the blocks on and above the diagonal of a 2×2 or 4×4 block split are
+    multiplied (the rest is their transpose): 5/8 to 3/4 of the products, measured 20–35 %
+    faster on CPU (a symmetric rank-k update, which torch does not expose).
+    """
+    n, D = M.shape
+    blocks = 1 if n < 512 or D < 128 or M.requires_grad else (4 if D >= 256 else 2)
+    if blocks == 1:
+        return M.T @ M
+    edges = [D * i // blocks for i in range(blocks + 1)]
+    G = M.new_empty(D, D)
+    for lo, hi in zip(edges[:-1], edges[1:]):  # block rows, not samples
+        row = M[:, lo:hi].T @ M[:, lo:]
+        G[lo:hi, lo:] = row
+        G[hi:, lo:hi] = row[:, hi - lo :].T
+    return G
+
+
+def output_gram(b: Tensor) -> Tensor:
+    """Σ_{k,n,r} b bᵀ (D_out, D_out) of output-column gradients b (K, N, R, D_out).
+
+    Gradients of a convolution arrive channels-first, b a transposed view of a contiguous
+    g (K, N, D_out, R): there Σ_i g_i g_iᵀ by batched products (in chunks) avoids copying b
+    into rows, which costs more than the product on CPU.
+    """
+    D = b.shape[-1]
+    if b.stride(-1) == 1 or b.shape[2] == 1:
+        return gram(b.reshape(-1, D))
+    g = b.transpose(-1, -2).reshape(-1, D, b.shape[2])  # (K·N, D_out, R), a view if contiguous
+    chunk = max(1, MAX_BATCHED // (D * D))
+    G = b.new_zeros(D, D)
+    for start in range(0, g.shape[0], chunk):  # chunks bound the memory of the products
+        part = g[start : start + chunk]
+        G += torch.bmm(part, part.transpose(1, 2)).sum(0)
+    return G
 
 
 def exact_layer_diagonal(a: Tensor, b: Tensor, max_elements: int = 2**26) -> tuple[Tensor, Tensor]:

@@ -29,9 +29,9 @@ def ggn_matvec(
 ) -> Callable[[Tensor], Tensor]:
     """Return v ↦ H v for v of shape (P,), summed over ``batches`` (and ranks).
 
-    For ``"ggn"`` Λ is applied exactly per position; for ``"ef"``/``"ggn-mc"`` through the
-    per-sample output columns (MC targets are re-drawn with the same seed on every call, so the
-    operator is fixed).
+    For ``"ggn"`` Λ is applied exactly per position; for ``"ef"``/``"ggn-mc"``/``"ggn-sampled"``
+    through the per-sample output columns (random columns are re-drawn with the same seed on
+    every call, so the operator is fixed).
     """
     params = {n: p.detach() for n, p in subset.parameters(model).items()}
     sizes = [p.numel() for p in params.values()]

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marglik.curvature.kfac import input_statistics, kfac_factors
 from marglik.curvature.registry import LINEAR, CompositeType, LayerType, layer_type
 from marglik.curvature.subsets import ParameterSubset
 
@@ -61,6 +62,10 @@ class LayerRecord:
     #: 1 for a Linear that sees sequence-first inputs (L, N, D_in) (e.g. inside a
     #: ``batch_first=False`` transformer layer); set by :func:`inconsistent_layers`
     batch_dim: int = 0
+    #: lazily recorded calls (:class:`FitRecorder`): the forward arguments and their tensors'
+    #: versions (``inputs`` is then empty; a is formed when used, one layer at a time)
+    args: list[tuple] = field(default_factory=list)
+    versions: list[tuple[int, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.kind is None:
@@ -90,16 +95,42 @@ class LayerRecord:
         :func:`backprop_columns`). Calls are concatenated along the positions R; a call that
         used only some rows of the weight (``rows``) gets its gradients zero-padded to D_out.
         """
+        bs = self.call_grads(grads)
+        return _cat(self.call_inputs(), 1), _cat(bs, 2)
+
+    def kfac(self, grads: Iterator[Tensor], approx: str) -> tuple[Tensor, Tensor, int]:
+        """KFAC sums (A_sum, G_sum, count) of this batch (:func:`~marglik.curvature.kfac.
+        kfac_factors`); the input statistics come straight from the forward arguments where
+        the layer type has a cheaper identity (``LayerType.input_sums``, e.g. convolutions)."""
+        bs = self.call_grads(grads)
+        fast = self.kind.input_sums if self.args and self.batch_dim == 0 else None
+        if fast is not None:
+            self._check_unchanged()
+            stats = [fast(self.module, args, approx) for args in self.args]
+        else:
+            stats = [input_statistics(a, approx) for a in self.call_inputs()]
+        return kfac_factors(stats, bs, approx)
+
+    def call_inputs(self) -> list[Tensor]:
+        """a (N, R_c, D_in) per recorded call (formed now if the recording was lazy)."""
+        if self.args:
+            self._check_unchanged()
+            inputs = [self.kind.inputs(self.module, args) for args in self.args]
+        else:
+            inputs = self.inputs
+        if self.batch_dim == 1:  # (L, N, D_in) recorded as (L, R = N, D_in)
+            inputs = [a.transpose(0, 1) for a in inputs]
+        return inputs
+
+    def call_grads(self, grads: Iterator[Tensor]) -> list[Tensor]:
+        """b (K, N, R_c, D_out) per recorded call, from the next ``len(self.outputs)`` entries of
+        ``grads``; a call that used only some rows of the weight is zero-padded to D_out."""
         if self.silent:
             raise ValueError(
                 f"layer {self.name!r} ({type(self.module).__name__}) ran on the first batch but "
                 "not on this one; its curvature cannot be recorded consistently (is it used "
                 "conditionally?): use hessian_structure='full' or exclude it"
             )
-        inputs = self.inputs
-        if self.batch_dim == 1:  # (L, N, D_in) recorded as (L, R = N, D_in)
-            inputs = [a.transpose(0, 1) for a in inputs]
-        a = torch.cat(inputs, 1)
         bs = []
         for i in range(len(self.outputs)):
             b = self.kind.output_grads(self.module, next(grads))
@@ -109,7 +140,24 @@ class LayerRecord:
             if rows is not None:
                 b = F.pad(b, (rows[0], self.d_out - rows[1]))
             bs.append(b)
-        return a, torch.cat(bs, 2)
+        return bs
+
+    def _check_unchanged(self) -> None:
+        """Lazily recorded inputs must not have been modified in place since the layer ran."""
+        for args, versions in zip(self.args, self.versions):
+            now = tuple(t._version for t in args if isinstance(t, Tensor))
+            if now != versions:
+                raise RuntimeError(
+                    f"the input of layer {self.name!r} ({type(self.module).__name__}) was "
+                    "modified in place after the layer used it (an in-place operation on it "
+                    "later in the forward pass); its curvature would be wrong: make that "
+                    "operation out of place"
+                )
+
+
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """torch.cat without a copy for a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 @dataclass
@@ -202,11 +250,16 @@ class LayerRecorder:
 
     - ``detach_inputs``: record ``a`` from detached forward arguments (plain fits);
     - ``leaf_outputs``: where an output does not require grad (nothing upstream does), record a
-      leaf copy that does, so that gradients w.r.t. it still exist.
+      leaf copy that does, so that gradients w.r.t. it still exist;
+    - ``lazy_inputs``: keep the forward arguments and form ``a`` only when a layer's statistics
+      are taken (:meth:`LayerRecord.call_inputs`, :meth:`LayerRecord.kfac`), one layer at a
+      time: no unfolded patches of every layer at once, and cheaper identities for the KFAC
+      factors (``LayerType.input_sums``).
     """
 
     detach_inputs: bool = True
     leaf_outputs: bool = False
+    lazy_inputs: bool = False
 
     def __init__(self, layers: list[LayerRecord]):
         self.layers = layers
@@ -258,7 +311,11 @@ class LayerRecorder:
     def _record(self, rec: LayerRecord, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
         if self.detach_inputs:
             args = tuple(t.detach() if isinstance(t, Tensor) else t for t in args)
-        rec.inputs.append(rec.kind.inputs(rec.module, args))
+        if self.lazy_inputs:
+            rec.args.append(args)
+            rec.versions.append(tuple(t._version for t in args if isinstance(t, Tensor)))
+        else:
+            rec.inputs.append(rec.kind.inputs(rec.module, args))
         if self.leaf_outputs and not output.requires_grad:
             output = output.detach().requires_grad_(True)
         rec.outputs.append(output)
@@ -289,9 +346,14 @@ class LayerRecorder:
 
     def clear(self) -> None:
         for rec in self.layers:
-            rec.inputs.clear()
-            rec.outputs.clear()
-            rec.rows.clear()
+            for recorded in (rec.inputs, rec.outputs, rec.rows, rec.args, rec.versions):
+                recorded.clear()
+
+
+class FitRecorder(LayerRecorder):
+    """The curvature fit's recorder: detached inputs, recorded lazily (``lazy_inputs``)."""
+
+    lazy_inputs = True
 
 
 class GraphLayerRecorder(LayerRecorder):
@@ -324,39 +386,6 @@ def _kind(module: nn.Module) -> LayerType:
     return kind
 
 
-class LayerBatches:
-    """(record, a (N, R, D_in), b (K, N, R, D_out)) per layer of one batch, formed lazily.
-
-    Holds the column gradients w.r.t. the recorded outputs (one list, in layer and call order)
-    and forms each layer's (a, b) only when iterated, one layer at a time. Keeping the object
-    until the next batch's gradients exist (as the engine does) lets the allocator reuse the
-    buffers instead of returning them to the system and faulting them in again.
-    """
-
-    def __init__(self, layers: list[LayerRecord], grads: list[Tensor]):
-        self.layers, self.grads = layers, grads
-
-    def __iter__(self) -> Iterator[tuple[LayerRecord, Tensor, Tensor]]:
-        grads = iter(self.grads)
-        for rec in self.layers:
-            yield (rec, *rec.data(grads))
-
-
-def layer_batches(
-    f: Tensor, layers: list[LayerRecord], U: Tensor | None, create_graph: bool = False
-) -> LayerBatches:
-    """Backpropagate the output columns U (K, N, *S, C) of f to every recorded layer output.
-
-    All columns go through one backward pass (:func:`backprop_columns`); the per-layer tensors
-    come lazily from iterating the result, so the caller may drop ``f`` (and its graph) first.
-    Without layers (or columns) nothing is backpropagated.
-    """
-    if not layers or U is None:
-        return LayerBatches([], [])
-    outs = [o for rec in layers for o in rec.outputs]
-    return LayerBatches(layers, backprop_columns(f, outs, U, create_graph))
-
-
 def backprop_columns(
     f: Tensor, tensors: list[Tensor], U: Tensor, create_graph: bool = False
 ) -> list[Tensor]:
@@ -369,9 +398,14 @@ def backprop_columns(
     """
     if not create_graph:
         try:
-            grads = torch.autograd.grad(
-                f, tensors, U, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
+            if U.shape[0] == 1:  # one column (EF, one sampled column): no vmap needed
+                grads = torch.autograd.grad(f, tensors, U[0], retain_graph=True,
+                                            allow_unused=True)
+                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+            else:
+                grads = torch.autograd.grad(
+                    f, tensors, U, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
             return [
                 torch.zeros(U.shape[0], *t.shape, dtype=t.dtype, device=t.device)
                 if g is None

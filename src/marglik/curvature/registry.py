@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marglik.curvature.conv import conv_patch_sums, explicit_padding, patch_gram, unfold
+
 
 def always(module: nn.Module) -> bool:
     """Default :attr:`LayerType.applies`: every instance of the type is supported."""
@@ -78,6 +80,10 @@ class LayerType:
         applies: whether a given instance fits the form (e.g. conv ``groups == 1``).
         weight: attribute name of W, a parameter of shape (D_out, ...) with D_in trailing entries.
         bias: attribute name of the bias (D_out,), or None if the type has none.
+        input_sums: optional ``(module, args, approx) -> statistics`` of one call, where an
+            identity cheaper than forming ``inputs`` exists: Σ_{n,r} a aᵀ (D_in, D_in) for
+            ``"expand"``, Σ_r a (N, D_in) for ``"reduce"`` (convolutions:
+            :mod:`marglik.curvature.conv`). None: computed from ``inputs``.
     """
 
     inputs: Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
@@ -85,6 +91,7 @@ class LayerType:
     applies: Callable[[nn.Module], bool] = always
     weight: str = "weight"
     bias: str | None = "bias"
+    input_sums: Callable[[nn.Module, tuple[Tensor, ...], str], Tensor] | None = None
 
 
 class LinearCall(Protocol):
@@ -208,33 +215,43 @@ def _conv_applies(module: nn.Module) -> bool:
     return module.groups == 1 and module.padding_mode == "zeros"
 
 
-def _unfold(x: Tensor, kernel, stride, dilation, padding) -> Tensor:
-    """2-d patches of x (N, C_in, H, W): (N, R, C_in·prod(kernel)), R the output positions."""
-    if isinstance(padding, str):  # "valid" or "same" (stride 1), padded as torch does
-        pads = []
-        for k, d in zip(reversed(kernel), reversed(dilation)):
-            total = 0 if padding == "valid" else d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        x, padding = F.pad(x, pads), 0
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    return patches.transpose(1, 2)
+def _conv2d_geometry(module: nn.Module) -> tuple[tuple, tuple, tuple, tuple]:
+    """(kernel, stride, dilation, (top, bottom, left, right) padding) of a Conv2d."""
+    kernel, dilation = tuple(module.kernel_size), tuple(module.dilation)
+    pads = explicit_padding(module.padding, kernel, dilation)
+    return kernel, tuple(module.stride), dilation, pads
 
 
-def _conv1d_inputs(module: nn.Module, args: tuple[Tensor, ...]) -> Tensor:
-    """x (N, C_in, L) -> patches (N, L_out, C_in·k), as a (k, 1) 2-d convolution."""
+def _conv1d_geometry(module: nn.Module) -> tuple[tuple, tuple, tuple, tuple]:
+    """A Conv1d as a (k, 1) Conv2d on inputs (N, C_in, L, 1)."""
+    kernel, dilation = (*module.kernel_size, 1), (*module.dilation, 1)
     padding = module.padding if isinstance(module.padding, str) else (*module.padding, 0)
-    return _unfold(
-        args[0].unsqueeze(-1),
-        (*module.kernel_size, 1),
-        (*module.stride, 1),
-        (*module.dilation, 1),
-        padding,
-    )
+    return kernel, (*module.stride, 1), dilation, explicit_padding(padding, kernel, dilation)
 
 
 def _conv2d_inputs(module: nn.Module, args: tuple[Tensor, ...]) -> Tensor:
     """x (N, C_in, H, W) -> patches (N, H_out·W_out, C_in·k_h·k_w)."""
-    return _unfold(args[0], module.kernel_size, module.stride, module.dilation, module.padding)
+    return unfold(args[0], *_conv2d_geometry(module)).transpose(1, 2)
+
+
+def _conv1d_inputs(module: nn.Module, args: tuple[Tensor, ...]) -> Tensor:
+    """x (N, C_in, L) -> patches (N, L_out, C_in·k), as a (k, 1) 2-d convolution."""
+    return unfold(args[0].unsqueeze(-1), *_conv1d_geometry(module)).transpose(1, 2)
+
+
+def _conv_input_sums(x: Tensor, geometry: tuple, approx: str) -> Tensor:
+    if approx == "expand":
+        return patch_gram(x, *geometry)
+    return conv_patch_sums(x, *geometry)
+
+
+def _conv2d_input_sums(module: nn.Module, args: tuple[Tensor, ...], approx: str) -> Tensor:
+    """KFAC input statistics of a Conv2d without unfolding every patch (conv.py)."""
+    return _conv_input_sums(args[0], _conv2d_geometry(module), approx)
+
+
+def _conv1d_input_sums(module: nn.Module, args: tuple[Tensor, ...], approx: str) -> Tensor:
+    return _conv_input_sums(args[0].unsqueeze(-1), _conv1d_geometry(module), approx)
 
 
 def _conv_output_grads(module: nn.Module, g: Tensor) -> Tensor:
@@ -244,8 +261,10 @@ def _conv_output_grads(module: nn.Module, g: Tensor) -> Tensor:
 
 
 LINEAR = LayerType(_linear_inputs, _linear_output_grads)
-CONV1D = LayerType(_conv1d_inputs, _conv_output_grads, _conv_applies)
-CONV2D = LayerType(_conv2d_inputs, _conv_output_grads, _conv_applies)
+CONV1D = LayerType(_conv1d_inputs, _conv_output_grads, _conv_applies,
+                   input_sums=_conv1d_input_sums)
+CONV2D = LayerType(_conv2d_inputs, _conv_output_grads, _conv_applies,
+                   input_sums=_conv2d_input_sums)
 
 register_layer(nn.Linear, LINEAR)
 register_layer(nn.Conv1d, CONV1D)

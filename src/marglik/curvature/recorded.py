@@ -1,0 +1,54 @@
+"""One batch's recorded layers after the backward pass of the output columns.
+
+:func:`layer_batches` backpropagates the columns U to every recorded layer output in one pass
+(:func:`~marglik.curvature.layers.backprop_columns`); the :class:`LayerBatches` it returns forms
+each layer's statistics only when asked, one layer at a time: (a, b) for the diagonal and full
+structures, the KFAC sums for ``"kron"`` (:meth:`~marglik.curvature.layers.LayerRecord.kfac`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor
+
+from marglik.curvature.layers import LayerRecord, backprop_columns
+
+
+class LayerBatches:
+    """(record, a (N, R, D_in), b (K, N, R, D_out)) per layer of one batch, formed lazily.
+
+    Holds the column gradients w.r.t. the recorded outputs (one list, in layer and call order)
+    and forms each layer's (a, b) only when iterated, one layer at a time. Keeping the object
+    until the next batch's gradients exist (as the engine does) lets the allocator reuse the
+    buffers instead of returning them to the system and faulting them in again.
+    """
+
+    def __init__(self, layers: list[LayerRecord], grads: list[Tensor]):
+        self.layers, self.grads = layers, grads
+
+    def __iter__(self) -> Iterator[tuple[LayerRecord, Tensor, Tensor]]:
+        grads = iter(self.grads)
+        for rec in self.layers:
+            yield (rec, *rec.data(grads))
+
+    def kfac(self, approx: str) -> Iterator[tuple[LayerRecord, Tensor, Tensor, int]]:
+        """(record, A_sum, G_sum, count) per layer (:meth:`LayerRecord.kfac`)."""
+        grads = iter(self.grads)
+        for rec in self.layers:
+            yield (rec, *rec.kfac(grads, approx))
+
+
+def layer_batches(
+    f: Tensor, layers: list[LayerRecord], U: Tensor | None, create_graph: bool = False
+) -> LayerBatches:
+    """Backpropagate the output columns U (K, N, *S, C) of f to every recorded layer output.
+
+    All columns go through one backward pass (:func:`backprop_columns`); the per-layer tensors
+    come lazily from iterating the result, so the caller may drop ``f`` (and its graph) first.
+    Without layers (or columns) nothing is backpropagated.
+    """
+    if not layers or U is None:
+        return LayerBatches([], [])
+    outs = [o for rec in layers for o in rec.outputs]
+    return LayerBatches(layers, backprop_columns(f, outs, U, create_graph))
