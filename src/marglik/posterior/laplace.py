@@ -52,7 +52,10 @@ class Laplace(Posterior):
             (:func:`~marglik.curvature.subsets.find_last_layer`; found in :meth:`fit` and kept
             in ``last_layer_name``). See ``docs/from-laplace-torch.md``.
         hessian_structure: ``"kron" | "full" | "diag" | "lowrank"``.
-        curvature: ``"ggn" | "ef" | "ggn-mc"``.
+        curvature: ``"ggn" | "ef" | "ggn-mc" | "ggn-sampled"``: exact GGN, empirical Fisher,
+            Monte Carlo Fisher (sampled targets) or sampled columns of Λ's factor (one
+            backward pass per column instead of C; unbiased for the GGN, variance in
+            :mod:`marglik.curvature.columns`).
         kfac_approx: ``"expand" | "reduce"`` for weight-sharing layers.
         prior_precision: δ > 0: a scalar, one value per parameter tensor of the subset
             ("layer-wise", in ``named_parameters()`` order) or one per parameter.
@@ -67,7 +70,7 @@ class Laplace(Posterior):
             ``"subnetwork"``.
         last_layer_name: module name of the last layer (default: found by running the model).
         rank: number of eigenpairs for ``"lowrank"``.
-        mc_samples: sampled targets per input for ``"ggn-mc"``.
+        mc_samples: sampled columns per input for ``"ggn-mc"`` and ``"ggn-sampled"``.
         seed: seed for Monte Carlo curvature and Lanczos.
         dict_key_x, dict_key_y: as in laplace-torch, for data loaders yielding dicts (or
             ``UserDict`` / ``BatchEncoding``): the whole dict is the model input, the targets are
