@@ -3,9 +3,12 @@
 Immer, Korzepa & Bauer, "Improving predictions of Bayesian neural nets via local linearization",
 AISTATS 2021. Two ways to the functional covariance J Σ Jᵀ:
 
-- ``"layerwise"`` (:mod:`marglik.posterior.layerwise`): from layer inputs and output gradients,
-  contracted against the Kronecker / diagonal factors without forming J — for the ``"kron"`` and
-  ``"diag"`` structures over whole tensors (all weights, last layer, named modules);
+- ``"layerwise"`` (:mod:`marglik.posterior.layerwise` records,
+  :mod:`marglik.posterior.layerwise_covariance` contracts): from layer inputs and output
+  gradients, contracted against the Kronecker / diagonal factors without forming J, and against
+  a dense block's cached Cholesky factor by one triangular solve per chunk — for the ``"kron"``,
+  ``"diag"`` and ``"full"`` structures over whole tensors (all weights, last layer, named
+  modules);
 - ``"generic"``: per-sample Jacobians J (B, D, P) with ``torch.func``, then the posterior's
   ``inv_quad`` — for every structure and subset.
 
@@ -26,11 +29,11 @@ from marglik.curvature.batches import DICT_KEY_X, Inputs, batch_size, call_model
 from marglik.posterior.jacobians import per_sample_jacobians
 from marglik.posterior.layerwise import (
     LayerwisePlan,
-    functional_covariance,
     layerwise_plan,
     per_sample_footprint,
     record,
 )
+from marglik.posterior.layerwise_covariance import functional_covariance
 from marglik.predictive import BACKENDS
 
 if TYPE_CHECKING:
@@ -50,7 +53,7 @@ def jacobians(la: Laplace, x: Inputs, create_graph: bool = False) -> tuple[Tenso
     """Model outputs f (B, ...) and Jacobians J (B, D, P) of the flattened outputs (generic)."""
     f = call_model(la.model, x)
     J = per_sample_jacobians(la.model, la.subset, x, f.shape[1:], f.dtype, create_graph)
-    return f, J
+    return f, (J if create_graph else J.detach())  # no graph to the other weights
 
 
 def resolve_backend(la: Laplace, backend: str = "auto") -> LayerwisePlan | None:

@@ -1,0 +1,240 @@
+"""Layer-wise GLM predictive, part two: J Σ Jᵀ against each kind of posterior block.
+
+The recorded layers (:mod:`marglik.posterior.layerwise`) give, per input, the Jacobian of output c
+w.r.t. a layer's weight W (D_out × D_in, row-major) and bias applied at R shared positions,
+
+    J_c^W = Σ_r g_{c,r} a_rᵀ,    J_c^b = Σ_r g_{c,r}.
+
+**Kronecker blocks.** With P = s · G ⊗ A + δ, G = Q_G diag(μ) Q_Gᵀ, A = Q_A diag(λ) Q_Aᵀ, and
+g̃ = Q_Gᵀ g, ã = Q_Aᵀ a (docs/architecture.md §5; the prior is added exactly in the eigenbasis),
+
+    Cov[f_c, f_c'] = Σ_ij J̃_{c,ij} J̃_{c',ij} / (s μ_i λ_j + δ),    J̃_c = Σ_r g̃_{c,r} ã_rᵀ,
+
+and without weight sharing (R = 1) the sum collapses to a rank-one form,
+
+    Cov[f_c, f_c'] = g̃_cᵀ diag(K ã²) g̃_c',    K_ij = 1 / (s μ_i λ_j + δ),
+
+which costs O(C²·D_out + D_out·D_in) per input instead of O(C·D_out·D_in). **Diagonal blocks**
+(P = s · h + δ elementwise) give the same forms without the rotation.
+
+**Dense blocks** (KFAC bias blocks, G alone, or a ``"full"`` posterior over any tensors). By
+default the block's cached Cholesky factor C of P_b = C Cᵀ (:meth:`~marglik.structures.Dense.
+cholesky`, p³/3 flops once per value of (s, δ)) and one triangular solve per chunk of inputs,
+
+    J P_b⁻¹ Jᵀ = Xᵀ X,    X = C⁻¹ Jᵀ    (O(p²) per output row, the whole chunk in one solve),
+
+with J (N·D, p) formed tensor by tensor from the recorded (a, g). Where the block already holds
+its eigendecomposition H_b = Q diag(λ) Qᵀ (or δ / s require grad, so that one eigenbasis serves
+every step), J Q is multiplied tensor by tensor instead, J^W Q = g (aᵀ Q) for a weight without
+sharing, which saves the factor D·D_in/(D_in + D) of forming J first, and
+J P_b⁻¹ Jᵀ = (J Q) diag(1/(s λ + δ)) (J Q)ᵀ. A per-parameter δ always takes the Cholesky path.
+
+The contraction per block type is looked up in :data:`CONTRACTIONS`. Everything is batched over
+the inputs of a chunk (einsum / batched matmul / one triangular solve); there is no Python loop
+over inputs, output columns or parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from marglik.posterior.layerwise import (
+    BlockSlot,
+    Fallback,
+    LayerData,
+    LayerwisePlan,
+    RecordedData,
+    TensorSlot,
+)
+from marglik.structures import Dense, Diagonal, Kronecker
+
+if TYPE_CHECKING:
+    from marglik.posterior.laplace import Laplace
+
+
+@dataclass
+class Chunk:
+    """What one chunk of N inputs with D outputs each recorded: its Jacobians, tensor by tensor."""
+
+    plan: LayerwisePlan
+    data: RecordedData
+    J_other: Tensor | None  # (N, D, P_other): tensors without a registered layer
+    N: int
+    D: int
+    like: Tensor  # 0-d, the posterior's dtype and device
+
+    def recorded(self, t: TensorSlot) -> LayerData | None:
+        """The recorded (a, g) of the tensor's layer; None for other tensors and fallbacks."""
+        ld = self.data.get(t.layer.name) if t.layer is not None else None
+        return ld if isinstance(ld, LayerData) else None
+
+    def jacobian(self, t: TensorSlot) -> Tensor:
+        """Materialised Jacobian (N, D, numel) of one parameter tensor."""
+        if t.layer is None:
+            lo, hi = self.plan.other_offsets[t.name]
+            return self.J_other[..., lo:hi]
+        ld = self.data.get(t.layer.name)
+        if isinstance(ld, Fallback):
+            return ld.J[t.name]
+        if ld is None:  # not reached: every planned layer is recorded or falls back
+            return self.like.new_zeros(self.N, self.D, t.stop - t.start)
+        if t.role == "bias":
+            return ld.g.sum(2).transpose(0, 1)
+        return torch.einsum("dnri,nrj->ndij", ld.g, ld.a).reshape(self.N, self.D, -1)
+
+    def block_jacobian(self, bs: BlockSlot) -> Tensor:
+        """Materialised Jacobian (N, D, p_b) of the tensors one block covers."""
+        return torch.cat([self.jacobian(t) for t in bs.tensors], -1)
+
+
+def functional_covariance(la: Laplace, plan: LayerwisePlan, data: RecordedData,
+                          J_other: Tensor | None, N: int, D: int, joint: bool) -> Tensor:
+    """J Σ Jᵀ per input (N, D, D), or over the whole batch (N·D, N·D) with ``joint=True``."""
+    scale, delta = la._precision_args()
+    like = torch.zeros((), dtype=la.H.dtype, device=la.H.device)
+    chunk = Chunk(plan, data, J_other, N, D, like)
+    out = like.new_zeros(N * D, N * D) if joint else like.new_zeros(N, D, D)
+    for bs in plan.blocks:
+        d = delta if delta.ndim == 0 else delta[bs.start : bs.stop]
+        if joint:
+            J = chunk.block_jacobian(bs).reshape(1, N * D, -1)
+            if isinstance(bs.block, Dense):
+                out = out + _dense_inv_quad(bs.block, J, lambda Q, J=J: J @ Q, scale, d)[0]
+            else:
+                out = out + bs.block.inv_quad(J, scale, d)[0]
+        else:
+            out = out + CONTRACTIONS[type(bs.block)](bs, chunk, scale, d)
+    return out
+
+
+# ---------------------------------------------------------------------------------- Kronecker
+def _weight_quad(ld: LayerData, K: Tensor) -> Tensor:
+    """Σ_ij J_{c,ij} J_{c',ij} K_ij for J_c = Σ_r g_{c,r} a_rᵀ: (N, D, D)."""
+    g, a = ld.g, ld.a
+    if a.shape[1] == 1:  # rank one: g_cᵀ diag(K a²) g_c'
+        g0 = g[:, :, 0]  # (D, N, m)
+        w = a[:, 0].square() @ K.mT  # (N, m)
+        return torch.einsum("dni,eni->nde", g0 * w, g0)
+    J = torch.einsum("dnri,nrj->ndij", g, a).flatten(2)  # (N, D, m·n)
+    return (J * K.reshape(-1)) @ J.mT
+
+
+def _kron_block(bs: BlockSlot, chunk: Chunk, scale: Tensor, delta: Tensor) -> Tensor:
+    """J P_b⁻¹ Jᵀ (N, D, D) for a Kronecker block of one weight, in its eigenbasis."""
+    if delta.ndim == 1:
+        if not bool(torch.all(delta == delta[0])):
+            raise ValueError("KFAC blocks need one prior precision per block "
+                             "(scalar or layer-wise), got per-parameter values")
+        delta = delta[0]
+    mu, QG, lam, QA = bs.block.eig()
+    K = 1 / (scale * torch.outer(mu, lam) + delta)
+    t = bs.tensors[0]
+    ld = chunk.recorded(t)
+    if ld is not None:
+        return _weight_quad(LayerData(ld.a @ QA, ld.g @ QG), K)
+    J = chunk.jacobian(t)  # a layer that fell back
+    Jt = torch.einsum("ndij,ia,jb->ndab", J.reshape(*J.shape[:2], QG.shape[0], QA.shape[0]),
+                      QG, QA).flatten(2)
+    return (Jt * K.reshape(-1)) @ Jt.mT
+
+
+# ---------------------------------------------------------------------------------- Diagonal
+def _diag_block(bs: BlockSlot, chunk: Chunk, scale: Tensor, delta: Tensor) -> Tensor:
+    """J P_b⁻¹ Jᵀ (N, D, D) for a diagonal block, tensor by tensor."""
+    K = 1 / (scale * bs.block.h + delta)
+    out = chunk.like.new_zeros(chunk.N, chunk.D, chunk.D)
+    for t in bs.tensors:
+        Kt = K[t.start - bs.start : t.stop - bs.start]
+        ld = chunk.recorded(t)
+        if t.role == "weight" and ld is not None:
+            out = out + _weight_quad(ld, Kt.reshape(t.shape[0], -1))
+        elif t.role == "bias" and ld is not None:
+            Jb = ld.g.sum(2)  # (D, N, m)
+            out = out + torch.einsum("dni,eni->nde", Jb * Kt, Jb)
+        else:  # other tensors and layers that fell back
+            J = chunk.jacobian(t)
+            out = out + (J * Kt) @ J.mT
+    return out
+
+
+# ---------------------------------------------------------------------------------- Dense
+def _dense_block(bs: BlockSlot, chunk: Chunk, scale: Tensor, delta: Tensor) -> Tensor:
+    """J P_b⁻¹ Jᵀ (N, D, D) for a dense block: a triangular solve, or J Q tensor by tensor."""
+    return _dense_inv_quad(bs.block, lambda: chunk.block_jacobian(bs),
+                           lambda Q: _jacobian_times(bs, chunk, Q), scale, delta)
+
+
+def _dense_inv_quad(block: Dense, jacobian: Tensor | Callable[[], Tensor],
+                    times: Callable[[Tensor], Tensor], scale: Tensor, delta: Tensor) -> Tensor:
+    """J P⁻¹ Jᵀ (..., K, K) from J (..., K, p) (or a function making it) or from ``times(Q)``
+    = J Q, whichever :func:`dense_factor` chooses."""
+    if delta.ndim == 1 and bool(torch.all(delta == delta[0])):
+        delta = delta[0]
+    C = dense_factor(block, scale, delta)
+    if C is None:
+        evals, Q = block.eig()
+        M = times(Q)
+        return (M / (scale * evals + delta)) @ M.mT
+    J = jacobian() if callable(jacobian) else jacobian
+    X = whitened_rows(C, J)
+    return X @ X.mT
+
+
+def dense_factor(block: Dense, scale: Tensor, delta: Tensor) -> Tensor | None:
+    """The block's (cached) Cholesky factor of P_b, or None where its eigenbasis serves instead.
+
+    The eigenbasis serves a 0-d δ when the block already holds its eigendecomposition (no
+    factorisation at all), when δ or s require grad (one eigendecomposition serves every
+    hyperparameter step), or when P_b is not numerically positive definite (eigenvalues
+    clamped at 0). A per-parameter δ always takes the Cholesky factor.
+    """
+    if delta.ndim == 0 and (block.has_eig or scale.requires_grad or delta.requires_grad):
+        return None
+    try:
+        return block.cholesky(scale, delta)
+    except torch.linalg.LinAlgError:
+        if delta.ndim == 0:
+            return None
+        raise
+
+
+def whitened_rows(C: Tensor, J: Tensor) -> Tensor:
+    """X = J C⁻ᵀ (..., K, p) for a lower factor C of P (p, p), so that X Xᵀ = J P⁻¹ Jᵀ.
+
+    One triangular solve for all N·K rows (O(p²) each)."""
+    p = C.shape[-1]
+    X = torch.linalg.solve_triangular(C.mT, J.reshape(-1, p), upper=True, left=False)
+    return X.reshape(J.shape)
+
+
+def _jacobian_times(bs: BlockSlot, chunk: Chunk, S: Tensor) -> Tensor:
+    """J S for the block's Jacobian J (N, D, p) and a matrix S (p, q), tensor by tensor: (N, D, q).
+
+    A weight without sharing contracts its inputs first, J^W S = g (aᵀ S) with S as
+    (D_out, D_in, q), and never forms J^W.
+    """
+    out = chunk.like.new_zeros(chunk.N, chunk.D, S.shape[-1])
+    for t in bs.tensors:
+        St = S[t.start - bs.start : t.stop - bs.start]
+        ld = chunk.recorded(t)
+        if t.role == "weight" and ld is not None and ld.a.shape[1] == 1:
+            aS = torch.einsum("nj,mjq->nmq", ld.a[:, 0], St.reshape(t.shape[0], -1, St.shape[-1]))
+            out = out + torch.einsum("dnm,nmq->ndq", ld.g[:, :, 0], aS)
+        elif t.role == "bias" and ld is not None:
+            out = out + torch.einsum("dnm,mq->ndq", ld.g.sum(2), St)
+        else:
+            out = out + chunk.jacobian(t) @ St
+    return out
+
+
+#: How J P_b⁻¹ Jᵀ is contracted for each block type of a layer-wise plan.
+CONTRACTIONS: dict[type, Callable[[BlockSlot, Chunk, Tensor, Tensor], Tensor]] = {
+    Kronecker: _kron_block,
+    Diagonal: _diag_block,
+    Dense: _dense_block,
+}
