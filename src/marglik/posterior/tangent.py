@@ -27,6 +27,7 @@ The predictive keeps the network's f(x; θ*) as its mean.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -204,7 +205,7 @@ def optimize_tangent_evidence(
         with eval_mode(la.model, ()):
             t, info = tangent_mode(
                 la.model, la.subset, la.likelihood, train_loader,
-                la.prior.expand(la.prior_precision).detach(), la.prior.mean, t, max_iter=50,
+                la.prior.expand(la.prior_precision).detach(), la.prior.mean, t,
                 dict_key_x=la.dict_key_x, dict_key_y=la.dict_key_y,
             )
         la.fit(train_loader, tangent=t)
@@ -220,6 +221,13 @@ def optimize_tangent_evidence(
         settled = ((after - before).abs() < rtol) | _switched_off(la, t, tune_sigma)
         if k > 0 and bool(settled.all()):
             break
+    else:
+        warnings.warn(
+            f"the tangent evidence did not settle in {max_rounds} rounds (largest change of "
+            f"log δ / log σ in the last round: {float((after - before).abs().max()):.2g}); "
+            "with group priors the evidence may be switching groups off slowly",
+            stacklevel=3,
+        )
         logs.append(after)
         if len(logs) == 3:  # Aitken's Δ² on the linearly converging rounds
             _set_log_hyperparameters(la, _aitken(*logs), tune_sigma)
