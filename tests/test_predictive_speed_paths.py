@@ -201,6 +201,21 @@ def test_dense_cholesky_cache(counter):
         Dense(-H).cholesky(1.0, 0.1)
 
 
+@pytest.mark.parametrize("shape", ["1x1", "contiguous", "transposed"])
+def test_dense_cholesky_leaves_the_curvature_unchanged(shape):
+    g = torch.Generator().manual_seed(2)
+    n = 1 if shape == "1x1" else 5
+    B = torch.randn(n, n + 1, generator=g)
+    H = B @ B.T + torch.triu(torch.rand(n, n, generator=g), 1) * 1e-3  # not exactly symmetric
+    if shape == "transposed":
+        H = H.T.contiguous().T  # same values, column-major storage
+    before = H.clone()
+    C = Dense(H).cholesky(2.0, 0.3)
+    assert torch.equal(H, before)
+    P = 2.0 * 0.5 * (before + before.T) + 0.3 * torch.eye(n)
+    assert rel_err(C @ C.T, P) <= 1e-12
+
+
 def test_dense_cholesky_with_hyperparameters_that_require_grad_is_differentiable(counter):
     g = torch.Generator().manual_seed(1)
     B = torch.randn(5, 6, generator=g)

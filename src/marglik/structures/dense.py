@@ -130,7 +130,9 @@ class Dense(CurvatureBlock):
         if any(t.requires_grad for t in (self.H, scale, delta)):
             P = scale * self.H + torch.diag(delta.expand(self.size))
             return 0.5 * (P + P.mT)
-        P = self.H.mT.contiguous()  # a blocked transpose copy: several times faster than H + Hᵀ
+        # a blocked transpose copy (several times faster than H + Hᵀ), always a new tensor:
+        # .contiguous() would return H itself where Hᵀ is contiguous (1 × 1, transposed storage)
+        P = self.H.mT.clone(memory_format=torch.contiguous_format)
         P.add_(self.H).mul_(0.5 * scale)
         P.diagonal().add_(delta)
         return P
