@@ -42,10 +42,13 @@ C = 4
 
 @pytest.fixture(autouse=True)
 def _float64():
+    """float64, one thread, and the global random state left as it was (tests that run later
+    draw their data from it)."""
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
-    yield
+    with torch.random.fork_rng():
+        yield
     torch.set_default_dtype(dtype)
 
 
@@ -499,3 +502,49 @@ def test_the_variance_of_one_sampled_column_is_the_stated_one(curvature):
     assert abs(float(var - stated)) <= 5 * se_var, (float(var), float(stated), se_var)
     torch.testing.assert_close(q.mean(), quad.sum(), rtol=5 * float(q.std()) / math.sqrt(S)
                                / float(quad.sum()), atol=0)
+
+
+# ------------------------------------------------- parameters outside layers: their owners
+class Normalised(nn.Module):
+    """Eval-mode BatchNorm and LayerNorm (owners recorded like layers), and a parameter of the
+    model itself (whole-model path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.ln, self.head = nn.LayerNorm(16), nn.Linear(16, 3)
+        self.scale = nn.Parameter(torch.tensor([1.3]))
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = F.adaptive_avg_pool2d(h, 2).flatten(1)
+        return self.head(self.ln(h)) * self.scale
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_owners_of_other_parameters_give_their_exact_diagonal(structure, monkeypatch):
+    torch.manual_seed(0)
+    model = Normalised().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        for p in (model.bn.weight, model.bn.bias, model.ln.weight, model.ln.bias):
+            p.uniform_(-1, 1)
+    x = torch.randn(10, 2, 4, 4)
+    y = targets(model, x)
+    import marglik.curvature.accumulators as acc
+
+    whole_model = []
+    original = acc.per_sample_column_grads
+    monkeypatch.setattr(acc, "per_sample_column_grads",
+                        lambda m, sub, *a: whole_model.append(sub.names) or original(m, sub, *a))
+    la = fit(model, x, y, structure, batch_size=4)
+    assert whole_model and all(names == ["scale"] for names in whole_model)  # only the root's
+    exact = oracle.ggn(model, x, y, oracle.categorical_nll).diagonal()
+    at = offsets(model)
+    diag = la.H.to_dense().diagonal()
+    for name in ("bn.weight", "bn.bias", "ln.weight", "ln.bias", "scale"):
+        s, t = at[name]
+        rel_close(diag[s:t], exact[s:t])
+    if structure == "diag":
+        rel_close(diag, exact)

@@ -35,7 +35,13 @@ from torch import Tensor, nn
 
 from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, Replay
 from marglik.curvature.columns import output_columns
-from marglik.curvature.kfac import exact_layer_diagonal, layer_sample_gradients
+from marglik.curvature.kfac import (
+    Rows,
+    as_matrix,
+    exact_layer_diagonal,
+    gram,
+    layer_sample_gradients,
+)
 from marglik.curvature.lanczos import ggn_matvec, lanczos
 from marglik.curvature.layers import LayerMap, LayerRecord
 from marglik.curvature.per_sample import per_sample_column_grads, per_sample_column_grads_autograd
@@ -68,22 +74,53 @@ class FitSpec:
 
 
 class Sums:
-    """Running sums over batches (to be all-reduced over ranks), in the accumulation dtype."""
+    """Running sums over batches (to be all-reduced over ranks), in the accumulation dtype.
+
+    A Gram statistic may be added as its rows (:class:`~marglik.curvature.kfac.Rows`): rows
+    are stacked over batches and their Gram formed once per :attr:`FLUSH` numbers (and by
+    :meth:`totals`), a larger product being cheaper than many small ones; with ``keep_graph``
+    it is formed at once.
+    """
+
+    #: numbers of stacked rows per key before their Gram is formed
+    FLUSH: ClassVar[int] = 2**18
 
     def __init__(self, dtype: torch.dtype, keep_graph: bool = False):
         self.dtype, self.keep_graph = dtype, keep_graph
         self.values: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.pending: dict[str, list[Tensor]] = {}
 
-    def add(self, key: str, value: Tensor) -> None:
+    def add(self, key: str, value: Tensor | Rows) -> None:
+        if isinstance(value, Rows):
+            if self.keep_graph:
+                value = as_matrix(value)
+            else:
+                rows = self.pending.setdefault(key, [])
+                rows.append(value.M.detach().to(self.dtype, copy=True))  # batches may reuse memory
+                if sum(r.numel() for r in rows) >= self.FLUSH:
+                    self._flush(key)
+                return
         value = (value if self.keep_graph else value.detach()).to(self.dtype)
-        self.values[key] = self.values[key] + value if key in self.values else value.clone()
+        if key not in self.values:
+            self.values[key] = value.clone()
+        elif self.keep_graph:
+            self.values[key] = self.values[key] + value
+        else:
+            self.values[key] += value
+
+    def _flush(self, key: str) -> None:
+        rows = self.pending.pop(key, [])
+        if rows:
+            self.add(key, gram(rows[0] if len(rows) == 1 else torch.cat(rows)))
 
     def count(self, key: str, n: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
     def totals(self, n_data: int) -> dict[str, Tensor]:
         """The sums, ``"n_data"`` and the counts as one dict of tensors (for the all-reduce)."""
+        for key in list(self.pending):
+            self._flush(key)
         out = dict(self.values)
         out["n_data"] = torch.tensor(float(n_data), dtype=self.dtype)
         for key, count in self.counts.items():
@@ -134,11 +171,33 @@ class Accumulator:
         """Curvature blocks, in subset order, from the summed (all-reduced) statistics."""
         raise NotImplementedError
 
-    def rest_grads(self, x: Tensor, U: Tensor) -> Tensor:
-        """Per-sample column gradients (K, N, P_rest) of the parameters no layer owns."""
-        if self.spec.create_graph:
-            return per_sample_column_grads_autograd(self.spec.model, self.spec.rest, x, U)
-        return per_sample_column_grads(self.spec.model, self.spec.rest, x, U)
+    @classmethod
+    def uses_owners(cls, create_graph: bool) -> bool:
+        """Whether the owners of the other parameters are recorded (:mod:`~marglik.curvature.
+        local`): their per-sample gradients then come from the layers' backward pass."""
+        return False
+
+    def owners_usable(self, fd: Tensor) -> bool:
+        """Whether the backpropagated columns are those :meth:`rest_grads` needs."""
+        return True
+
+    def rest_grads(self, x: Tensor, U: Tensor, layers: LayerBatches | None = None) -> Tensor:
+        """Per-sample column gradients (K, N, P_rest) of the parameters no layer owns: from
+        their recorded owners' own backward (``layers``, :mod:`marglik.curvature.local`) where
+        recorded, else through the whole model."""
+        spec = self.spec
+        if spec.create_graph:
+            return per_sample_column_grads_autograd(spec.model, spec.rest, x, U)
+        known = layers.owner_gradients() if layers is not None else {}
+        others = [n for n in spec.rest.names if n not in known]
+        if len(others) == len(spec.rest.names):
+            return per_sample_column_grads(spec.model, spec.rest, x, U)
+        if others:
+            shapes = dict(zip(spec.rest.names, spec.rest.shapes))
+            sub = ParameterSubset(others, [shapes[n] for n in others])
+            known.update(zip(others, per_sample_column_grads(spec.model, sub, x, U).split(
+                _sizes(sub), -1)))
+        return torch.cat([known[n] for n in spec.rest.names], -1)
 
 
 class FullAccumulator(Accumulator):
@@ -186,7 +245,11 @@ class DiagAccumulator(Accumulator):
             self.sums.add(rec.name + ".weight_diag", w_diag)
             self.sums.add(rec.name + ".bias_diag", b_diag)
         if self.spec.rest is not None:
-            self.sums.add("rest_diag", self.rest_grads(x, U).square().sum((0, 1)))
+            self.sums.add("rest_diag", self.rest_grads(x, U, layers).square().sum((0, 1)))
+
+    @classmethod
+    def uses_owners(cls, create_graph: bool) -> bool:
+        return not create_graph
 
     def blocks(self, sums):
         def own(name: str, shape: torch.Size, rec: LayerRecord, role: str) -> Tensor:
@@ -218,11 +281,21 @@ class KronAccumulator(Accumulator):
             self.sums.add(rec.name + ".G", G)
             self.sums.count(rec.name + ".count", count)
         if spec.rest is not None:
-            if fd.ndim > 2 and spec.curvature == "ggn":  # exact diagonal blocks
+            if not self.owners_usable(fd):  # exact diagonal blocks: split columns
                 U = output_columns(spec.likelihood, fd, y, spec.curvature, split_positions=True).to(
                     fd.dtype
                 )
-            self.sums.add("rest_diag", self.rest_grads(x, U).square().sum((0, 1)))
+                layers = None
+            self.sums.add("rest_diag", self.rest_grads(x, U, layers).square().sum((0, 1)))
+
+    @classmethod
+    def uses_owners(cls, create_graph: bool) -> bool:
+        return not create_graph
+
+    def owners_usable(self, fd: Tensor) -> bool:
+        """KFAC stacks the exact GGN's columns over output positions; the other parameters'
+        exact diagonal needs them split (R·K columns of their own)."""
+        return not (fd.ndim > 2 and self.spec.curvature == "ggn")
 
     def blocks(self, sums):
         def own(name: str, shape: torch.Size, rec: LayerRecord, role: str) -> CurvatureBlock:

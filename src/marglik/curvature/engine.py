@@ -30,7 +30,10 @@ the softmax, whose Hessian has rank C − 1 (:mod:`marglik.curvature.columns`); 
 column per input (``"ggn-sampled"``, ``"ggn-mc"``) costs one. Layer inputs are kept as the
 forward arguments and turned into KFAC statistics one layer at a time
 (:class:`~marglik.curvature.layers.FitRecorder`), convolutions without unfolding every patch
-where a cheaper exact identity exists (:mod:`marglik.curvature.conv`).
+where a cheaper exact identity exists (:mod:`marglik.curvature.conv`). Parameters outside the
+registered layers (BatchNorm, LayerNorm, …) get their per-sample gradients from the same
+backward pass through their own module (:mod:`marglik.curvature.local`) where that is exact
+(checked on the first batch), not from a second pass through the whole model.
 
 With ``create_graph=True`` nothing is detached: the curvature sums and the data-fit statistics
 keep their autograd graph to every tensor the forward pass uses other than the subset's own
@@ -60,6 +63,7 @@ from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, Inputs, batches, c
 from marglik.curvature.columns import CURVATURES
 from marglik.curvature.kfac import KFAC_APPROXIMATIONS
 from marglik.curvature.layers import FitRecorder, GraphLayerRecorder, LayerMap, layer_map
+from marglik.curvature.local import OwnerRecorder, inconsistent_owners, owner_records
 from marglik.curvature.recorded import layer_batches
 from marglik.curvature.runtime import accumulation_dtype, eval_mode
 from marglik.curvature.silent import (
@@ -190,7 +194,10 @@ def fit_curvature(
     if create_graph:  # hyperparameters outside the subset stay in the graph
         trainable = [*subset.names, *(n for n, p in model.named_parameters() if p.requires_grad)]
         recorder_type = GraphLayerRecorder
-    with eval_mode(model, trainable), recorder_type(layers) as recorder:
+    # owners of the other parameters, recorded so that one backward pass serves them too
+    owners = owner_records(model, spec.rest) if accumulator_type.uses_owners(create_graph) else []
+    with (eval_mode(model, trainable), recorder_type(layers) as recorder,
+          OwnerRecorder(owners) as owner_recorder):
         data = batches(loader, model, dict_key_x, dict_key_y)
         for x, y in tqdm(data, disable=not progress, desc="curvature"):
             h = None
@@ -198,8 +205,9 @@ def fit_curvature(
                 with torch.no_grad():
                     h = outputs(x)
             recorder.clear()
-            grad_context = torch.enable_grad() if layers or create_graph else torch.no_grad()
-            with grad_context:
+            owner_recorder.clear()
+            needs_graph = layers or owners or create_graph
+            with torch.enable_grad() if needs_graph else torch.no_grad():
                 f = call_model(model, x)
             if accumulator is None:
                 silent = silent_layers(layers)  # and layers mixing samples: exact path (§4)
@@ -211,6 +219,11 @@ def fit_curvature(
                     lmap = without_layers(lmap, silent)
                     spec = replace(spec, layers=lmap, rest=rest_subset(subset, lmap))
                 accumulator = accumulator_type(spec, sums)
+                drop = owners if not accumulator.owners_usable(f) else inconsistent_owners(
+                    f, owners, model)
+                if drop:  # they keep the whole-model path
+                    owner_recorder.remove(drop)
+                    owners = owner_recorder.owners
             if h is not None and h.shape != f.shape:
                 raise ValueError(f"outputs(x) has shape {tuple(h.shape)}, the model's outputs "
                                  f"{tuple(f.shape)}")
@@ -222,7 +235,7 @@ def fit_curvature(
             U = accumulator.columns(fd, y)
             # the backward pass to the layers happens here; ``recorded`` (the column gradients)
             # lives until the next batch replaces it, so their buffers are reused
-            recorded = layer_batches(f, layers, U, create_graph)
+            recorded = layer_batches(f, layers, U, create_graph, owners)
             del f  # the rest of the graph is not needed for the per-sample gradients
             accumulator.add_batch(x, fd, y, U, recorded)
     if n_data == 0 or accumulator is None:

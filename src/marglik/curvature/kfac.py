@@ -16,6 +16,8 @@ expand is exact in the expand setting and reduce in the reduce setting.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -33,23 +35,46 @@ def kfac_statistics(a: Tensor, b: Tensor, approx: str = "expand") -> tuple[Tenso
     Returns:
         (A_sum (D_in, D_in), G_sum (D_out, D_out), count) with A = A_sum / count.
     """
-    return kfac_factors([input_statistics(a, approx)], [b], approx)
+    A, G, count = kfac_factors([input_statistics(a, approx)], [b], approx)
+    return as_matrix(A), as_matrix(G), count
 
 
-def input_statistics(a: Tensor, approx: str) -> Tensor:
-    """What one call of a layer adds to A: Σ_{n,r} a aᵀ (D_in, D_in) for ``"expand"``,
-    Σ_r a (N, D_in) for ``"reduce"``; a is (N, R, D_in)."""
+@dataclass(frozen=True)
+class Rows:
+    """Rows M (n, D) standing for their Gram Mᵀ M (D, D), to be formed later: the
+    accumulator stacks the rows of several batches and forms one larger, cheaper product
+    (:class:`~marglik.curvature.accumulators.Sums`)."""
+
+    M: Tensor
+
+
+def as_matrix(statistic: Tensor | Rows) -> Tensor:
+    """A Gram matrix, formed now if it was given as :class:`Rows`."""
+    return gram(statistic.M) if isinstance(statistic, Rows) else statistic
+
+
+def _total(parts: list[Tensor | Rows]) -> Tensor | Rows:
+    """Sum of Gram statistics: stacked rows if all are rows, else matrices."""
+    if all(isinstance(p, Rows) for p in parts):
+        return Rows(parts[0].M if len(parts) == 1 else torch.cat([p.M for p in parts]))
+    return sum(as_matrix(p) for p in parts)
+
+
+def input_statistics(a: Tensor, approx: str) -> Tensor | Rows:
+    """What one call of a layer adds to A: Σ_{n,r} a aᵀ for ``"expand"`` (as the rows a,
+    :class:`Rows`), Σ_r a (N, D_in) for ``"reduce"``; a is (N, R, D_in)."""
     if approx == "expand":
-        return gram(a.reshape(-1, a.shape[-1]))
+        return Rows(a.reshape(-1, a.shape[-1]))
     if approx == "reduce":
         return a.sum(1)
     raise ValueError(f"unknown kfac_approx {approx!r}: use one of {KFAC_APPROXIMATIONS}")
 
 
 def kfac_factors(
-    inputs: list[Tensor], grads: list[Tensor], approx: str
-) -> tuple[Tensor, Tensor, int]:
-    """(A_sum, G_sum, count) of one batch from the calls of a layer.
+    inputs: list[Tensor | Rows], grads: list[Tensor], approx: str
+) -> tuple[Tensor | Rows, Tensor | Rows, int]:
+    """(A_sum, G_sum, count) of one batch from the calls of a layer; the sums are matrices
+    or :class:`Rows` whose Gram they are.
 
     Args:
         inputs: per call, :func:`input_statistics` (or a layer type's cheaper identity for it).
@@ -62,11 +87,11 @@ def kfac_factors(
     N = grads[0].shape[1]
     R = sum(b.shape[2] for b in grads)
     if approx == "expand":
-        return sum(inputs), sum(output_gram(b) for b in grads), N * R
+        return _total(inputs), _total([output_gram(b) for b in grads]), N * R
     if approx == "reduce":
         a_bar = sum(inputs) / R
         b_tilde = sum(b.sum(2) for b in grads)
-        return gram(a_bar), gram(b_tilde.reshape(-1, b_tilde.shape[-1])), N
+        return Rows(a_bar), Rows(b_tilde.reshape(-1, b_tilde.shape[-1])), N
     raise ValueError(f"unknown kfac_approx {approx!r}: use one of {KFAC_APPROXIMATIONS}")
 
 
@@ -94,8 +119,9 @@ def gram(M: Tensor) -> Tensor:
     return G
 
 
-def output_gram(b: Tensor) -> Tensor:
-    """Σ_{k,n,r} b bᵀ (D_out, D_out) of output-column gradients b (K, N, R, D_out).
+def output_gram(b: Tensor) -> Tensor | Rows:
+    """Σ_{k,n,r} b bᵀ (D_out, D_out) of output-column gradients b (K, N, R, D_out): the rows
+    of b (:class:`Rows`) where they are contiguous.
 
     Gradients of a convolution arrive channels-first, b a transposed view of a contiguous
     g (K, N, D_out, R): there Σ_i g_i g_iᵀ by batched products (in chunks) avoids copying b
@@ -103,7 +129,7 @@ def output_gram(b: Tensor) -> Tensor:
     """
     D = b.shape[-1]
     if b.stride(-1) == 1 or b.shape[2] == 1:
-        return gram(b.reshape(-1, D))
+        return Rows(b.reshape(-1, D))
     g = b.transpose(-1, -2).reshape(-1, D, b.shape[2])  # (K·N, D_out, R), a view if contiguous
     chunk = max(1, MAX_BATCHED // (D * D))
     G = b.new_zeros(D, D)

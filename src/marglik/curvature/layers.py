@@ -99,9 +99,10 @@ class LayerRecord:
         return _cat(self.call_inputs(), 1), _cat(bs, 2)
 
     def kfac(self, grads: Iterator[Tensor], approx: str) -> tuple[Tensor, Tensor, int]:
-        """KFAC sums (A_sum, G_sum, count) of this batch (:func:`~marglik.curvature.kfac.
-        kfac_factors`); the input statistics come straight from the forward arguments where
-        the layer type has a cheaper identity (``LayerType.input_sums``, e.g. convolutions)."""
+        """KFAC sums (A_sum, G_sum, count) of this batch, matrices or the rows whose Gram they
+        are (:func:`~marglik.curvature.kfac.kfac_factors`); the input statistics come straight
+        from the forward arguments where the layer type has a cheaper identity
+        (``LayerType.input_sums``, e.g. convolutions)."""
         bs = self.call_grads(grads)
         fast = self.kind.input_sums if self.args and self.batch_dim == 0 else None
         if fast is not None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from torch import Tensor
 
 from marglik.curvature.layers import LayerRecord, backprop_columns
+from marglik.curvature.local import OwnerRecord, owner_outputs
 
 
 class LayerBatches:
@@ -24,8 +25,16 @@ class LayerBatches:
     buffers instead of returning them to the system and faulting them in again.
     """
 
-    def __init__(self, layers: list[LayerRecord], grads: list[Tensor]):
+    def __init__(self, layers: list[LayerRecord], grads: list[Tensor],
+                 owners: list[OwnerRecord] | None = None, owner_grads: list[Tensor] | None = None):
         self.layers, self.grads = layers, grads
+        self.owners, self.owner_grads = owners or [], owner_grads or []
+
+    def owner_gradients(self) -> dict[str, Tensor]:
+        """Per-sample column gradients (K, N, numel) of the owners' parameters, by full name
+        (:mod:`marglik.curvature.local`)."""
+        grads = iter(self.owner_grads)
+        return {name: g for rec in self.owners for name, g in rec.gradients(grads).items()}
 
     def __iter__(self) -> Iterator[tuple[LayerRecord, Tensor, Tensor]]:
         grads = iter(self.grads)
@@ -40,15 +49,22 @@ class LayerBatches:
 
 
 def layer_batches(
-    f: Tensor, layers: list[LayerRecord], U: Tensor | None, create_graph: bool = False
+    f: Tensor,
+    layers: list[LayerRecord],
+    U: Tensor | None,
+    create_graph: bool = False,
+    owners: list[OwnerRecord] | None = None,
 ) -> LayerBatches:
-    """Backpropagate the output columns U (K, N, *S, C) of f to every recorded layer output.
+    """Backpropagate the output columns U (K, N, *S, C) of f to every recorded layer output
+    (and to the outputs of the recorded owners of other parameters, ``owners``).
 
     All columns go through one backward pass (:func:`backprop_columns`); the per-layer tensors
     come lazily from iterating the result, so the caller may drop ``f`` (and its graph) first.
-    Without layers (or columns) nothing is backpropagated.
+    Without layers and owners (or columns) nothing is backpropagated.
     """
-    if not layers or U is None:
+    owners = owners or []
+    if not (layers or owners) or U is None:
         return LayerBatches([], [])
     outs = [o for rec in layers for o in rec.outputs]
-    return LayerBatches(layers, backprop_columns(f, outs, U, create_graph))
+    grads = backprop_columns(f, outs + owner_outputs(owners), U, create_graph)
+    return LayerBatches(layers, grads[: len(outs)], owners, grads[len(outs):])
