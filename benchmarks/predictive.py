@@ -3,13 +3,16 @@
 Not a test; one JSON line per case. Setting (docs/architecture.md §5): 540 test digits, an MLP
 64-256-256-10 (85k parameters) and a CNN Conv(1→16,3,p1)-ReLU-Conv(16→32,3,p1)-ReLU-MaxPool(2)-
 Flatten-Linear(512→10) (10k parameters), both briefly trained (full-batch Adam, seed 0), KFAC
-over all weights fitted on the 1,257 training digits, float32, one thread. Each measurement runs
+(or ``--structure full``: the full GGN, a dense P×P block, factorised by Cholesky in the
+predictive) over all weights (or ``--subset last_layer``) fitted on the 1,257 training digits,
+float32, one thread. Each measurement runs
 in a fresh subprocess that loads the saved model and posterior, so the peak resident memory of the
 predictive call (``ru_maxrss`` after the call minus the resident memory just before it) is not
 hidden by the training and fitting peaks.
 
     python benchmarks/predictive.py            # all cases
     python benchmarks/predictive.py --models mlp --backends layerwise
+    python benchmarks/predictive.py --models cnn --structure full --backends layerwise
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ def make_model(name: str) -> nn.Module:
     )
 
 
-def laplace(model: nn.Module) -> marglik.Laplace:
-    return marglik.Laplace(model, "classification", subset_of_weights="all",
-                           hessian_structure="kron")
+def laplace(model: nn.Module, setting: str) -> marglik.Laplace:
+    """``setting``: "<structure>:<subset>", e.g. "kron:all"."""
+    structure, subset = setting.split(":")
+    return marglik.Laplace(model, "classification", subset_of_weights=subset,
+                           hessian_structure=structure)
 
 
-def prepare(name: str, folder: str) -> dict:
+def prepare(name: str, folder: str, setting: str) -> dict:
     """Train briefly, fit KFAC, tune δ by the evidence; save model and posterior."""
     torch.manual_seed(0)
     x, y, xt, yt = load_digits_split()
@@ -61,7 +66,7 @@ def prepare(name: str, folder: str) -> dict:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     train_s = time.perf_counter() - t0
-    la = laplace(model)
+    la = laplace(model, setting)
     t0 = time.perf_counter()
     la.fit(DataLoader(TensorDataset(x, y), batch_size=256))
     fit_s = time.perf_counter() - t0
@@ -71,7 +76,7 @@ def prepare(name: str, folder: str) -> dict:
     with torch.no_grad():
         logits = model(xt)
     return {
-        "model": name, "params": la.n_params, "train_steps": TRAIN_STEPS[name],
+        "model": name, "setting": setting, "params": la.n_params, "train_steps": TRAIN_STEPS[name],
         "train_s": round(train_s, 2), "fit_s": round(fit_s, 2),
         "prior_precision": round(float(la.prior_precision), 4),
         "map_nll": round(nn.functional.cross_entropy(logits, yt).item(), 4),
@@ -85,13 +90,14 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(name: str, backend: str, folder: str) -> dict:
+def measure(name: str, backend: str, folder: str, setting: str) -> dict:
     """Time and peak memory of the first predictive call (cold: includes the eigendecompositions
-    of the Kronecker factors), then the time of a second (warm) call."""
+    of the Kronecker factors, or the Cholesky factor of a dense block), then the time of a second
+    (warm) call, which reuses them."""
     _, _, xt, yt = load_digits_split()
     model = make_model(name)
     model.load_state_dict(torch.load(os.path.join(folder, f"{name}_model.pt"), weights_only=True))
-    la = laplace(model)
+    la = laplace(model, setting)
     la.load_state_dict(torch.load(os.path.join(folder, f"{name}_laplace.pt"), weights_only=True))
     before = rss_mb()
     t0 = time.perf_counter()
@@ -104,8 +110,8 @@ def measure(name: str, backend: str, folder: str) -> dict:
     torch.save(probs, os.path.join(folder, f"{name}_{backend}_probs.pt"))
     nll = -probs[torch.arange(len(yt)), yt].log().mean().item()
     return {
-        "model": name, "backend": backend, "n_test": len(yt), "time_s": round(seconds, 3),
-        "warm_time_s": round(warm, 3),
+        "model": name, "setting": setting, "backend": backend, "n_test": len(yt),
+        "time_s": round(seconds, 3), "warm_time_s": round(warm, 3),
         "rss_before_mb": round(before, 1), "peak_rss_mb": round(peak, 1),
         "peak_delta_mb": round(peak - before, 1), "glm_probit_nll": round(nll, 4),
         "glm_probit_acc": round((probs.argmax(-1) == yt).double().mean().item(), 4),
@@ -123,6 +129,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--backends", nargs="+", default=["layerwise", "generic"],
                         choices=["layerwise", "generic"])
+    parser.add_argument("--structure", default="kron", choices=["kron", "full"])
+    parser.add_argument("--subset", default="all", choices=["all", "last_layer"])
     parser.add_argument("--child", nargs=3, metavar=("TASK", "MODEL", "ARG"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -130,20 +138,23 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.child:
         task, name, arg = args.child
+        setting = f"{args.structure}:{args.subset}"
         if task == "prepare":
-            result = prepare(name, args.folder)
+            result = prepare(name, args.folder, setting)
         else:
-            result = measure(name, arg, args.folder)
+            result = measure(name, arg, args.folder, setting)
         print(json.dumps(result))
         return
+    setting = ["--structure", args.structure, "--subset", args.subset]
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             print(json.dumps({"case": "setup", **run_child("--child", "prepare", name, "-",
-                                                         "--folder", folder)}), flush=True)
+                                                         "--folder", folder, *setting)}),
+                  flush=True)
             results = {}
             for backend in args.backends:
                 results[backend] = run_child("--child", "measure", name, backend,
-                                             "--folder", folder)
+                                             "--folder", folder, *setting)
             if len(results) == 2:
                 fast = torch.load(os.path.join(folder, f"{name}_layerwise_probs.pt"))
                 slow = torch.load(os.path.join(folder, f"{name}_generic_probs.pt"))
