@@ -156,9 +156,11 @@ def test_spline_picks_the_ridge_of_largest_evidence(pair, homoscedastic):
     np.testing.assert_array_equal(grid, sorted(grid))
     assert est.ridge_ == grid[np.argmax(evidence)] and est.log_evidence_ == evidence.max()
     assert grid[0] < est.ridge_ < grid[-1]  # an interior optimum of the grid
-    # the selected fit is the fit with that ridge given explicitly
+    # the selected fit is the fit with that ridge given explicitly (warm- against cold-started
+    # solves, which stop at a relative change of 1e-10 in the objective: per-point log densities
+    # of order one agree to about 1e-7, not to rounding)
     fixed = SplineEstimator(homoscedastic=homoscedastic, ridge=est.ridge_).fit(x, y)
-    np.testing.assert_allclose(est.log_lik(x, y), fixed.log_lik(x, y), rtol=1e-6)
+    np.testing.assert_allclose(est.log_lik(x, y), fixed.log_lik(x, y), rtol=1e-6, atol=1e-6)
     assert fixed.log_evidence_ == pytest.approx(est.log_evidence_, rel=1e-6)
 
 
