@@ -344,3 +344,15 @@ def test_cross_attention_and_separate_projection_weights(structure, kdim):
     _, v_lw = glm_moments(la, xt, backend="layerwise")
     J = oracle.jacobians(model, xt)
     rel_close(v_lw, J @ torch.linalg.inv(la.posterior_precision) @ J.mT)
+
+
+@pytest.mark.parametrize("case", ["bf-pooled", "sf-tokens-causal", "bf-encoder-padding"])
+def test_lowrank_equals_the_top_eigenpairs(case):
+    """The Lanczos matvec (torch.func.jvp) runs with torch's fused attention kernels off (they
+    have no forward mode); the model's fast-path setting is restored."""
+    model, x, y = setup(case, "regression")
+    before = torch.backends.mha.get_fastpath_enabled()
+    la = fit(model, x, y, "regression", "lowrank", rank=5)
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    H = oracle.ggn(model, x, y, nll("regression"))
+    rel_close(la.H.blocks[0].s, torch.linalg.eigvalsh(H).flip(0)[:5], 1e-6)

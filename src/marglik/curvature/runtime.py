@@ -7,14 +7,15 @@ Batches live in :mod:`marglik.curvature.batches`; ``batches`` and ``Replay`` are
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from marglik.curvature.batches import Replay, batches
 
-__all__ = ["Replay", "accumulation_dtype", "batches", "eval_mode", "preserved"]
+__all__ = ["Replay", "accumulation_dtype", "batches", "eval_mode", "no_fused_attention",
+           "preserved"]
 
 
 #: hook dictionaries of an ``nn.Module`` that a forward or backward pass runs
@@ -88,14 +89,41 @@ def preserved(model: nn.Module) -> Iterator[None]:
 def eval_mode(model: nn.Module, requires_grad: Collection[str] | None = ()) -> Iterator[None]:
     """Eval mode, gradients only for the named parameters (``None``: flags left as they are),
     inside :func:`preserved`: modes, ``requires_grad`` flags, buffers and hooks are restored
-    exactly afterwards."""
-    with preserved(model):
+    exactly afterwards; fused attention kernels off (:func:`no_fused_attention`), so that every
+    pass of the library can use forward mode and ``vmap``."""
+    with preserved(model), no_fused_attention():
         model.eval()
         if requires_grad is not None:
             chosen = set(requires_grad)
             for n, p in model.named_parameters():
                 p.requires_grad_(n in chosen)
         yield
+
+
+@contextmanager
+def no_fused_attention() -> Iterator[None]:
+    """torch's fused attention kernels off: the ``torch.backends.mha`` fast path of
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` in eval mode and the flash /
+    memory-efficient kernels of ``F.scaled_dot_product_attention`` (only its math kernel). The
+    fused kernels have no forward-mode derivative (``torch.func.jvp`` raises
+    ``NotImplementedError``) and the fast path bypasses forward hooks; the math path computes
+    the same function."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with _math_attention():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _math_attention():
+    """``sdpa_kernel(MATH)`` where torch has it (≥ 2.3), else nothing to switch."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def accumulation_dtype(model: nn.Module) -> torch.dtype:

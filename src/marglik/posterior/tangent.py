@@ -37,7 +37,7 @@ from torch.func import functional_call, jvp
 from tqdm.auto import trange
 
 from marglik.curvature.batches import Inputs, batches, model_args, tree_map
-from marglik.curvature.runtime import eval_mode
+from marglik.curvature.runtime import eval_mode, no_fused_attention
 from marglik.curvature.subsets import ParameterSubset
 from marglik.evidence.optimize import optimize_hyperparameters
 from marglik.likelihoods import Likelihood
@@ -74,7 +74,8 @@ def tangent_outputs(
         def f(p: dict[str, Tensor]) -> Tensor:
             return functional_call(model, p, model_args(x))
 
-        return jvp(f, (params,), (tangents(),))[1]
+        with no_fused_attention():  # fused attention kernels have no forward mode
+            return jvp(f, (params,), (tangents(),))[1]
 
     return h
 
