@@ -171,6 +171,7 @@ class Posterior(ABC):
         verbose: bool = False,
         progress_bar: bool = False,
         train_loader: Iterable | None = None,
+        optimizer: str = "adam",
     ) -> dict[str, list]:
         """Tune δ (and σ) post hoc: by the evidence (``"marglik"``, ``"tangent"``) or validation.
 
@@ -189,14 +190,21 @@ class Posterior(ABC):
             prior_structure: ``"scalar" | "layerwise" | "diagonal"`` (``"diag"`` too); default
                 keeps δ's shape. Grid search searches a scalar δ.
             tune_sigma: also learn σ (regression only, scalar σ; ``"marglik"`` only).
-            n_steps, lr: Adam steps and learning rate.
+            n_steps, lr: Adam steps and learning rate (``optimizer="lbfgs"``: the most
+                evaluations of the evidence; ``lr`` unused).
+            optimizer: ``"adam"`` (laplace-torch's) or ``"lbfgs"`` for ``"marglik"``: L-BFGS
+                runs to the evidence optimum (gradient at rounding level) in few evaluations;
+                use it where an evaluation is expensive (a full posterior with a layer-wise or
+                per-parameter δ factorises P each time). See
+                :func:`marglik.evidence.optimize_hyperparameters`.
             init_prior_prec: starting δ (default: the current one, broadcast to the shape).
             progress, progress_bar: show a progress bar.
             pred_type, link_approx, n_samples: the predictive scored by grid search (ignored by
                 ``"marglik"``, as in laplace-torch).
             val_loader: validation batches (x, y) for grid search.
             train_loader: the training batches for ``"tangent"`` (re-iterable; the data of
-                :meth:`fit`). ``n_steps`` is then the number of evidence steps per round.
+                :meth:`fit`). ``n_steps`` is then the most evidence evaluations (L-BFGS) per
+                round.
             loss: validation loss for grid search, lower is better. Default: the mean negative
                 log predictive density — categorical / Bernoulli for classification, Gaussian
                 with covariance f_var + σ²I for regression (laplace-torch scores regression by
@@ -223,7 +231,8 @@ class Posterior(ABC):
                     stacklevel=2,
                 )
             history = optimize_hyperparameters(
-                self, prior_structure, tune_sigma, n_steps, lr, init_prior_prec, progress
+                self, prior_structure, tune_sigma, n_steps, lr, init_prior_prec, progress,
+                optimizer,
             )
         elif method == "tangent":
             if train_loader is None:
