@@ -132,7 +132,6 @@ def test_tangent_evidence_is_stationary_for_classification(structure):
     assert delta > la2.prior_precision
 
 
-@pytest.mark.xfail(reason="alternation stops before |∂ log Z| < 1e-3 with tune_sigma; open", strict=False)
 def test_tangent_evidence_is_the_exact_linear_gaussian_evidence():
     """Regression: the tangent model is linear-Gaussian, its Laplace evidence exact; the δ and σ
     found maximise log N(y | 0, σ²I + δ⁻¹ J Jᵀ)."""
@@ -140,7 +139,9 @@ def test_tangent_evidence_is_the_exact_linear_gaussian_evidence():
     X, y = _regression()
     la = marglik.Laplace(model, "regression", hessian_structure="full")
     la.fit(_loader(X, y))
-    la.optimize_prior_precision(method="tangent", train_loader=_loader(X, y), tune_sigma=True)
+    hist = la.optimize_prior_precision(method="tangent", train_loader=_loader(X, y),
+                                       tune_sigma=True)
+    assert len(hist["log_marglik"]) < 50  # settled before the round limit (no warning)
     J = oracle.jacobians(model, X)[:, 0, :]
 
     def exact(log_delta, log_sigma):
@@ -225,3 +226,4 @@ def test_tangent_evidence_warns_when_it_does_not_settle():
     la = marglik.Laplace(model, "classification", hessian_structure="diag").fit(_loader(X, y))
     with pytest.warns(UserWarning, match="did not settle in 1 rounds"):
         optimize_tangent_evidence(la, _loader(X, y), max_rounds=1)
+
