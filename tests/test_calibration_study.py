@@ -31,7 +31,7 @@ def small_data(n_train=128, n_test=24, n_ood=16, angles=(90,)) -> cs.StudyData:
 
 def test_registry_lists_every_row_once():
     assert list(cs.ROWS) == cs.row_names()
-    assert len(cs.ROWS) == 1 + 5 * 2 * 3
+    assert len(cs.ROWS) == 1 + 5 * 2 * 3 + 3  # and the tangent evidence for all-weights KFAC
     with pytest.raises(ValueError, match="twice"):
         cs.register_row("map", cs.map_row)
     extra: dict = {}
@@ -87,6 +87,27 @@ def test_glm_rows_equal_the_library_predictive(link):
     want = ref(x, link_approx=link, n_samples=7, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     assert torch.equal(predict("test", x), got)  # moments cached, same draws
+
+
+def test_tangent_rows_tune_delta_by_the_tangent_evidence():
+    """all-kron-tangent-*: the posterior of optimize_prior_precision(method="tangent"), scalar δ."""
+    import marglik
+
+    data = small_data(n_train=64)
+    x_tr, y_tr = data.x_train.double(), data.y_train
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 10)).double()
+    ctx = cs.Context(model, cs._loader(x_tr, y_tr, 32, False), seed=0, n_samples=7, rank=5)
+    x = data.eval_sets["test"][0].double()
+    got = cs.ROWS["all-kron-tangent-probit"](ctx)("test", x)
+    la = ctx.cache["tune:all-kron-tangent"]
+    ref = marglik.Laplace(model, "classification").fit(ctx.train_loader)
+    ref.optimize_prior_precision(method="tangent", prior_structure="scalar",
+                                 train_loader=ctx.train_loader)
+    assert la.tangent is not None and la.prior_precision.numel() == 1
+    torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, ref(x), rtol=1e-12, atol=1e-14)
 
 
 def test_quick_run_writes_one_line_per_row_and_a_table(tmp_path, float32, capsys):
