@@ -157,10 +157,11 @@ def optimize_hyperparameters(
 
 def lbfgs_tolerance(value: float, dtype: torch.dtype) -> float:
     """Gradient tolerance (largest entry, per unit of log δ or log σ) at which an evidence of
-    size ``value`` is maximised to rounding: 1e-8 (float64) or 1e-4 (lower precision) times
+    size ``value`` is maximised to rounding: 1e-8 (float64) or 1e-6 (lower precision) times
     1 + |value|. Near the optimum the evidence lies below it by about ½ gᵀ H⁻¹ g, with H of the
-    order of the number of parameters per δ: far below 1e-3 nats."""
-    return (1e-8 if dtype == torch.float64 else 1e-4) * (1.0 + abs(value))
+    order of the number of parameters per δ: far below 1e-3 nats. (In float32 a gradient this
+    small may be below the rounding of the evidence; the line search then stops L-BFGS.)"""
+    return (1e-8 if dtype == torch.float64 else 1e-6) * (1.0 + abs(value))
 
 
 def _lbfgs(objective: Objective, logs: list[Tensor], max_evals: int,
