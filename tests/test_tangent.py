@@ -126,6 +126,8 @@ def test_tangent_evidence_is_stationary_for_classification(structure):
     (grad,) = torch.autograd.grad(la.log_marginal_likelihood(log_delta.exp()), log_delta)
     assert abs(grad.item()) < 1e-3
     assert len(hist["log_marglik"]) < 50  # settled before the round limit (no warning)
+    assert len(hist["mode_evaluations"]) == len(hist["log_marglik"])
+    assert all(e >= 1 for e in hist["mode_evaluations"])
     # and the δ it finds is far above the network-mode evidence's (the point of the method)
     la2 = marglik.Laplace(model, "classification", hessian_structure=structure)
     la2.fit(_loader(X, y)).optimize_prior_precision(prior_structure="scalar", n_steps=300)

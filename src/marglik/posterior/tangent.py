@@ -193,14 +193,15 @@ def optimize_tangent_evidence(
 
     Returns:
         history: per round ``"log_marglik"`` (the evidence after the round's steps),
-        ``"prior_precision"``, ``"sigma_noise"`` and ``"mode_gradient"`` (the largest entry of
-        the tangent objective's gradient at t*).
+        ``"prior_precision"``, ``"sigma_noise"``, ``"mode_gradient"`` (the largest entry of
+        the tangent objective's gradient at t*) and ``"mode_evaluations"`` (passes over the
+        data that the mode took).
     """
     la.require_fit()
     if rtol is None:
         rtol = 1e-4 if la.dtype == torch.float64 else 1e-3
     history: dict[str, list] = {"log_marglik": [], "prior_precision": [], "sigma_noise": [],
-                                "mode_gradient": []}
+                                "mode_gradient": [], "mode_evaluations": []}
     t = la.tangent if la.tangent is not None else torch.zeros_like(la.mean)
     logs: list[Tensor] = []  # log δ (and log σ) after each round, for the extrapolation
     change = float("nan")  # the largest change of log δ (and log σ) in the last round
@@ -221,6 +222,7 @@ def optimize_tangent_evidence(
         history["prior_precision"].append(la.prior_precision.tolist())
         history["sigma_noise"].append(None if la.sigma_noise is None else la.sigma_noise.item())
         history["mode_gradient"].append(info["gradient"])
+        history["mode_evaluations"].append(info["evaluations"])
         after = _log_hyperparameters(la, tune_sigma)
         change = float((after - before).abs().max())
         settled = ((after - before).abs() < rtol) | _switched_off(la, t, tune_sigma)
