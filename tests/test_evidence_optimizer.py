@@ -105,6 +105,10 @@ def test_lbfgs_bad_input_and_evaluation_limit():
     la = marglik.Laplace(model, "classification", hessian_structure="full").fit(loader)
     with pytest.raises(ValueError, match="optimizer"):
         la.optimize_prior_precision(optimizer="sgd")
+    with pytest.raises(ValueError, match="takes no optimizer"):
+        la.optimize_prior_precision(method="gridsearch", optimizer="lbfgs", val_loader=loader)
+    with pytest.raises(ValueError, match="L-BFGS"):
+        la.optimize_prior_precision(method="tangent", optimizer="adam", train_loader=loader)
     hist = la.optimize_prior_precision(prior_structure="layerwise", optimizer="lbfgs",
                                        n_steps=3, init_prior_prec=1.0)
     assert len(hist["log_marglik"]) <= 4  # the start and at most n_steps evaluations after

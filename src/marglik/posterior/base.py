@@ -171,7 +171,7 @@ class Posterior(ABC):
         verbose: bool = False,
         progress_bar: bool = False,
         train_loader: Iterable | None = None,
-        optimizer: str = "adam",
+        optimizer: str | None = None,
     ) -> dict[str, list]:
         """Tune δ (and σ) post hoc: by the evidence (``"marglik"``, ``"tangent"``) or validation.
 
@@ -192,11 +192,12 @@ class Posterior(ABC):
             tune_sigma: also learn σ (regression only, scalar σ; ``"marglik"`` only).
             n_steps, lr: Adam steps and learning rate (``optimizer="lbfgs"``: the most
                 evaluations of the evidence; ``lr`` unused).
-            optimizer: ``"adam"`` (laplace-torch's) or ``"lbfgs"`` for ``"marglik"``: L-BFGS
-                runs to the evidence optimum (gradient at rounding level) in few evaluations;
-                use it where an evaluation is expensive (a full posterior with a layer-wise or
-                per-parameter δ factorises P each time). See
-                :func:`marglik.evidence.optimize_hyperparameters`.
+            optimizer: for ``"marglik"``, ``"adam"`` (default, laplace-torch's) or
+                ``"lbfgs"``: L-BFGS runs to the evidence optimum (gradient at rounding level) in
+                few evaluations; use it where an evaluation is expensive (a full posterior with a
+                layer-wise or per-parameter δ factorises P each time). See
+                :func:`marglik.evidence.optimize_hyperparameters`. ``"tangent"`` always uses
+                L-BFGS in its rounds; grid search takes none.
             init_prior_prec: starting δ (default: the current one, broadcast to the shape).
             progress, progress_bar: show a progress bar.
             pred_type, link_approx, n_samples: the predictive scored by grid search (ignored by
@@ -232,9 +233,12 @@ class Posterior(ABC):
                 )
             history = optimize_hyperparameters(
                 self, prior_structure, tune_sigma, n_steps, lr, init_prior_prec, progress,
-                optimizer,
+                optimizer or "adam",
             )
         elif method == "tangent":
+            if optimizer not in (None, "lbfgs"):
+                raise ValueError(f"method='tangent' maximises the evidence of each round by "
+                                 f"L-BFGS; optimizer={optimizer!r} is not available")
             if train_loader is None:
                 raise ValueError("method='tangent' needs the training data: train_loader=...")
             if not hasattr(self, "tangent"):
@@ -245,6 +249,8 @@ class Posterior(ABC):
                 progress=progress,
             )
         elif method == "gridsearch":
+            if optimizer is not None:
+                raise ValueError("method='gridsearch' tries a grid: it takes no optimizer")
             if val_loader is None:
                 raise ValueError("method='gridsearch' needs a validation loader: val_loader=...")
             if tune_sigma:
