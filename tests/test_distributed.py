@@ -40,6 +40,11 @@ def worker(rank, world, port, out):
         for s in STRUCTURES:
             la = fit(model, x[shard], y[shard], s)
             result[s] = (la.H.to_dense(), la.log_marginal_likelihood().detach(), la.n_data)
+        try:  # not distributed yet: a clear error, not rank-local rows
+            fit(model, x[shard], y[shard], "kernel")
+            result["kernel"] = "fitted"
+        except ValueError as e:
+            result["kernel"] = str(e)
         if rank == 0:
             torch.save(result, out)
     finally:
@@ -58,6 +63,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     result = torch.load(out, weights_only=True)
     model, x, y = problem()
+    assert "not available under torch.distributed" in result["kernel"]
     for s in STRUCTURES:
         la = fit(model, x, y, s)
         H, evidence, n = result[s]

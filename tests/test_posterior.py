@@ -254,7 +254,7 @@ def test_subnetwork_indices_select_entries():
 
 
 # ---- saving and loading ----
-@pytest.mark.parametrize("structure", ["full", "kron", "diag", "lowrank"])
+@pytest.mark.parametrize("structure", ["full", "kron", "diag", "lowrank", "kernel"])
 def test_state_dict_round_trip(structure, tmp_path):
     model = mlp()
     x, y = torch.randn(20, 3), torch.randn(20, 4)

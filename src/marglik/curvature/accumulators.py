@@ -18,7 +18,9 @@ The structures:
 - ``"diag"``: the exact GGN/EF diagonal, per layer in closed form (Σ_{k,n} (Σ_r b aᵀ)²);
 - ``"kron"``: per layer weight G ⊗ A (KFAC-expand or -reduce, Eschenhagen et al., NeurIPS
   2023), G alone for its bias, the exact diagonal for every other parameter;
-- ``"lowrank"``: nothing per batch; top-k eigenpairs by Lanczos over the data afterwards.
+- ``"lowrank"``: nothing per batch; top-k eigenpairs by Lanczos over the data afterwards;
+- ``"kernel"``: the rows of ``"full"`` kept; their thin SVD gives the exact GGN as a low-rank
+  block of rank ≤ N·C (the function-space form).
 
 Sums are kept in the accumulation dtype and, with ``create_graph``, keep their autograd graph.
 """
@@ -48,6 +50,7 @@ from marglik.curvature.per_sample import per_sample_column_grads, per_sample_col
 from marglik.curvature.recorded import LayerBatches
 from marglik.curvature.runtime import eval_mode
 from marglik.curvature.subsets import ParameterSubset
+from marglik.distributed import is_distributed
 from marglik.likelihoods import Likelihood
 from marglik.structures import CurvatureBlock, Dense, Diagonal, Kronecker, LowRank
 
@@ -212,6 +215,11 @@ class FullAccumulator(Accumulator):
         return create_graph
 
     def add_batch(self, x, fd, y, U, layers) -> None:
+        M = self.rows(x, U, layers)
+        self.sums.add("H", M.T @ M)
+
+    def rows(self, x: Tensor, U: Tensor, layers: LayerBatches) -> Tensor:
+        """The batch's per-sample column gradients M (K·N, P) in subset order: H = Σ Mᵀ M."""
         spec = self.spec
         if not spec.layers.layers:  # the whole subset (also index subnetworks)
             M = self.rest_grads(x, U)
@@ -228,11 +236,41 @@ class FullAccumulator(Accumulator):
             for name, shape in zip(spec.subset.names, spec.subset.shapes):
                 _check_size(spec.layers, name, shape, parts[name].shape[-1])
             M = torch.cat([parts[n] for n in spec.subset.names], -1)
-        M = M.reshape(-1, M.shape[-1]).to(self.sums.dtype)
-        self.sums.add("H", M.T @ M)
+        return M.reshape(-1, M.shape[-1]).to(self.sums.dtype)
 
     def blocks(self, sums):
         return [Dense(sums["H"])]
+
+
+class KernelAccumulator(FullAccumulator):
+    """``"kernel"``: the exact GGN H = Bᵀ B kept as its rows B (R, P), R = K·N per-sample
+    column gradients (K = C columns of Λ's factor for the exact GGN), and turned into an exact
+    :class:`~marglik.structures.LowRank` block by the thin SVD B = V diag(σ) Wᵀ: H = W diag(σ²)
+    Wᵀ with rank ≤ min(R, P). Its log-determinant is the function-space (kernel) form of the
+    evidence, log det(s·H + P0) = log det P0 + log det(I_R + s·B P0⁻¹ Bᵀ) with
+    B P0⁻¹ Bᵀ = Λ^½ J P0⁻¹ Jᵀ Λ^½ (the NTK under the prior; Immer, Korzepa & Bauer, AISTATS
+    2021), and every posterior operation is exact, as for ``"full"``, at O(P·rank²) instead of
+    O(P³) — for data with fewer outputs N·C than parameters P (small N, or a subset of the
+    data). Memory: B, R × P numbers. Singular values below R·ε·σ_max are dropped (their
+    directions carry no curvature to rounding).
+    """
+
+    def __init__(self, spec: FitSpec, sums: Sums):
+        if is_distributed():
+            raise ValueError("hessian_structure='kernel' is not available under "
+                             "torch.distributed yet: use 'full' or 'lowrank'")
+        super().__init__(spec, sums)
+        self.kept: list[Tensor] = []
+
+    def add_batch(self, x, fd, y, U, layers) -> None:
+        self.kept.append(self.rows(x, U, layers).detach().clone())
+
+    def blocks(self, sums):
+        B = torch.cat(self.kept)
+        self.kept = []
+        _, sv, Wt = torch.linalg.svd(B, full_matrices=False)
+        keep = sv > max(B.shape) * torch.finfo(B.dtype).eps * sv.max().clamp_min(1e-300)
+        return [LowRank(Wt[keep].mT.contiguous(), sv[keep].square())]
 
 
 class DiagAccumulator(Accumulator):
@@ -353,6 +391,7 @@ ACCUMULATORS: dict[str, type[Accumulator]] = {
     "diag": DiagAccumulator,
     "kron": KronAccumulator,
     "lowrank": LowRankAccumulator,
+    "kernel": KernelAccumulator,
 }
 
 

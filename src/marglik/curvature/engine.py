@@ -9,7 +9,9 @@ and the curvature sums for the requested structure, all-reduces them across rank
   registered layers, ``torch.func`` per-sample gradients for every other parameter);
 - ``"kron"``: per tensor, Kronecker G ⊗ A for registered layers' weights, Dense G for their
   biases, and Diagonal blocks for parameters KFAC cannot express (with a warning);
-- ``"lowrank"``: top-k eigenpairs by Lanczos (matrix-free GGN-vector products).
+- ``"lowrank"``: top-k eigenpairs by Lanczos (matrix-free GGN-vector products);
+- ``"kernel"``: the exact GGN from the thin SVD of its N·C per-sample column-gradient rows
+  (one LowRank block of rank ≤ N·C: the function-space form of the posterior).
 
 Which modules are layers with closed forms comes from the layer registry
 (:mod:`marglik.curvature.registry`: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, and whatever
@@ -118,7 +120,7 @@ def fit_curvature(
     """Accumulate the curvature of ``model`` under ``likelihood`` over ``loader``.
 
     Args:
-        structure: ``"full" | "diag" | "kron" | "lowrank"``.
+        structure: ``"full" | "diag" | "kron" | "lowrank" | "kernel"``.
         curvature: ``"ggn"`` (exact generalised Gauss–Newton), ``"ef"`` (empirical Fisher),
             ``"ggn-mc"`` (Monte Carlo Fisher: ``mc_samples`` sampled targets per input) or
             ``"ggn-sampled"`` (``mc_samples`` Rademacher combinations of the columns of Λ's

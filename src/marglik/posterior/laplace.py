@@ -51,7 +51,11 @@ class Laplace(Posterior):
             module other than the model itself that runs and owns parameters
             (:func:`~marglik.curvature.subsets.find_last_layer`; found in :meth:`fit` and kept
             in ``last_layer_name``). See ``docs/from-laplace-torch.md``.
-        hessian_structure: ``"kron" | "full" | "diag" | "lowrank"``.
+        hessian_structure: ``"kron" | "full" | "diag" | "lowrank" | "kernel"``. ``"kernel"``
+            is the exact GGN kept as its N·C rows (the function-space form: rank ≤ N·C,
+            O(P·(NC)²) operations and N·C·P memory; exact like ``"full"`` when the data have
+            fewer outputs than the model parameters); see
+            :class:`~marglik.curvature.accumulators.KernelAccumulator`.
         curvature: ``"ggn" | "ef" | "ggn-mc" | "ggn-sampled"``: exact GGN, empirical Fisher,
             Monte Carlo Fisher (sampled targets) or sampled columns of Λ's factor (one
             backward pass per column instead of C; unbiased for the GGN, variance in
