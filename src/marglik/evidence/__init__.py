@@ -7,12 +7,14 @@
   optimisation.
 
 Other evidence estimates plug in here as functions of a
-:class:`~marglik.posterior.base.Posterior`: the function-space (kernel) form of the linearised
-Laplace evidence and its stochastic lower bounds (Immer et al., ICML 2023) go in modules of their
-own beside ``laplace.py`` and are optimised with the same :class:`HyperparameterStep`.
+:class:`~marglik.posterior.base.Posterior`: :mod:`~marglik.evidence.bounds` holds the
+data-partitioned lower bound and its stochastic estimate (Immer et al., ICML 2023); the
+function-space form of the evidence itself is the ``"kernel"`` structure.
 """
 
+from marglik.evidence.bounds import PartitionedEvidence
 from marglik.evidence.laplace import laplace_log_evidence
 from marglik.evidence.optimize import HyperparameterStep, optimize_hyperparameters
 
-__all__ = ["HyperparameterStep", "laplace_log_evidence", "optimize_hyperparameters"]
+__all__ = ["HyperparameterStep", "PartitionedEvidence", "laplace_log_evidence",
+           "optimize_hyperparameters"]
