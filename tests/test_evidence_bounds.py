@@ -49,6 +49,11 @@ def test_bound_is_below_the_evidence_tight_for_one_partition_and_grows_with_m(ta
     model, X, y = _problem(task)
     la = _fit(model, X, y, task, structure)
     bounds = {m: PartitionedEvidence(la, _partitions(X, y, m)) for m in (2, 4, 8, 16)}
+    # partitions fitted exactly by "kernel" under any base structure: the same bound
+    other = PartitionedEvidence(_fit(model, X, y, task, "diag"), _partitions(X, y, 4), "kernel")
+    torch.testing.assert_close(other(torch.tensor(0.5, dtype=torch.float64)),
+                               bounds[4](torch.tensor(0.5, dtype=torch.float64)), rtol=1e-10,
+                               atol=1e-10)
     layerwise = torch.tensor([0.3, 2.0, 0.7, 5.0], dtype=torch.float64)
     for delta in [torch.tensor(d, dtype=torch.float64) for d in DELTAS] + [layerwise]:
         exact = la.log_marginal_likelihood(delta)

@@ -45,6 +45,8 @@ class PartitionedEvidence:
         partitions: a sequence of partitions of the same data, each an iterable of batches
             (x, y) — e.g. ``[[batch] for batch in loader]`` for the loader's batches of M
             points. Each is fitted once (a shallow copy of ``la``; the model is shared).
+        structure: the partitions' ``hessian_structure`` (default ``la``'s); ``"kernel"`` fits
+            each exactly at rank ≤ M·C, whatever structure ``la`` has.
 
     Call it like :meth:`~marglik.Laplace.log_marginal_likelihood`, optionally with ``sample=k``
     partitions drawn (``generator``) for the unbiased stochastic estimate. Differentiable in
@@ -52,7 +54,8 @@ class PartitionedEvidence:
     neither.
     """
 
-    def __init__(self, la: Laplace, partitions: Sequence[Iterable]):
+    def __init__(self, la: Laplace, partitions: Sequence[Iterable],
+                 structure: str | None = None):
         la.require_fit()
         if len(partitions) == 0:
             raise ValueError("partitions is empty: give at least one partition of the data")
@@ -64,6 +67,7 @@ class PartitionedEvidence:
         n_data = 0
         for part in partitions:
             other = copy.copy(la)
+            other.hessian_structure = structure or la.hessian_structure
             other.fit(part)
             n_data += other.n_data
             self.parts.append(other)
