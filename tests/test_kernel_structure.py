@@ -128,3 +128,12 @@ def test_last_layer_optimised_prior_and_round_trip(tmp_path):
                           hessian_structure="kernel")
     new.load_state_dict(torch.load(tmp_path / "la.pt", weights_only=True))
     torch.testing.assert_close(new.log_marginal_likelihood(), la.log_marginal_likelihood())
+
+
+def test_too_many_rows_is_a_clear_error(monkeypatch):
+    from marglik.curvature.accumulators import KernelAccumulator
+
+    model, X, y, loader = _problem("classification")
+    monkeypatch.setattr(KernelAccumulator, "MAX_NUMBERS", 20 * 87)  # 27 rows of P = 87
+    with pytest.raises(ValueError, match="rows so far exceed"):
+        _fit(model, loader, "classification")

@@ -255,6 +255,9 @@ class KernelAccumulator(FullAccumulator):
     directions carry no curvature to rounding).
     """
 
+    #: most numbers kept as rows (2^30: 4 GiB in float32) before the fit stops with an error
+    MAX_NUMBERS: ClassVar[int] = 2**30
+
     def __init__(self, spec: FitSpec, sums: Sums):
         if is_distributed():
             raise ValueError("hessian_structure='kernel' is not available under "
@@ -264,6 +267,15 @@ class KernelAccumulator(FullAccumulator):
 
     def add_batch(self, x, fd, y, U, layers) -> None:
         self.kept.append(self.rows(x, U, layers).detach().clone())
+        numbers = sum(r.numel() for r in self.kept)
+        if numbers > self.MAX_NUMBERS:
+            rows = sum(len(r) for r in self.kept)
+            self.kept = []
+            raise ValueError(
+                f"hessian_structure='kernel' keeps one row of P = {self.spec.subset.size} "
+                f"numbers per output: {rows} rows so far exceed KernelAccumulator.MAX_NUMBERS "
+                f"({self.MAX_NUMBERS}); use 'full', 'kron' or 'lowrank', or fit on a subset of "
+                "the data")
 
     def blocks(self, sums):
         B = torch.cat(self.kept)
