@@ -134,6 +134,7 @@ def test_too_many_rows_is_a_clear_error(monkeypatch):
     from marglik.curvature.accumulators import KernelAccumulator
 
     model, X, y, loader = _problem("classification")
-    monkeypatch.setattr(KernelAccumulator, "MAX_NUMBERS", 10 * 87)  # 18 rows (C − 1 = 2 per image) of P = 87
+    # 18 rows (C − 1 = 2 per image) of P = 87 numbers
+    monkeypatch.setattr(KernelAccumulator, "MAX_NUMBERS", 10 * 87)
     with pytest.raises(ValueError, match="rows so far exceed"):
         _fit(model, loader, "classification")
