@@ -244,9 +244,9 @@ class FullAccumulator(Accumulator):
 
 class KernelAccumulator(FullAccumulator):
     """``"kernel"``: the exact GGN H = Bᵀ B kept as its rows B (R, P), R = K·N per-sample
-    column gradients (K = C columns of Λ's factor for the exact GGN), and turned into an exact
-    :class:`~marglik.structures.LowRank` block by the thin SVD B = V diag(σ) Wᵀ: H = W diag(σ²)
-    Wᵀ with rank ≤ min(R, P). Its log-determinant is the function-space (kernel) form of the
+    column gradients (K columns of Λ's factor for the exact GGN: C, or C − 1 for the softmax),
+    turned into an exact :class:`~marglik.structures.LowRank` block by the thin SVD
+    B = V diag(σ) Wᵀ: H = W diag(σ²) Wᵀ with rank ≤ min(R, P). Its log-determinant is the function-space (kernel) form of the
     evidence, log det(s·H + P0) = log det P0 + log det(I_R + s·B P0⁻¹ Bᵀ) with
     B P0⁻¹ Bᵀ = Λ^½ J P0⁻¹ Jᵀ Λ^½ (the NTK under the prior; Immer, Korzepa & Bauer, AISTATS
     2021), and every posterior operation is exact, as for ``"full"``, at O(P·rank²) instead of
