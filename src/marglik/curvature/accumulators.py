@@ -246,13 +246,17 @@ class KernelAccumulator(FullAccumulator):
     """``"kernel"``: the exact GGN H = Bᵀ B kept as its rows B (R, P), R = K·N per-sample
     column gradients (K columns of Λ's factor for the exact GGN: C, or C − 1 for the softmax),
     turned into an exact :class:`~marglik.structures.LowRank` block by the thin SVD
-    B = V diag(σ) Wᵀ: H = W diag(σ²) Wᵀ with rank ≤ min(R, P). Its log-determinant is the function-space (kernel) form of the
-    evidence, log det(s·H + P0) = log det P0 + log det(I_R + s·B P0⁻¹ Bᵀ) with
-    B P0⁻¹ Bᵀ = Λ^½ J P0⁻¹ Jᵀ Λ^½ (the NTK under the prior; Immer, Korzepa & Bauer, AISTATS
-    2021), and every posterior operation is exact, as for ``"full"``, at O(P·rank²) instead of
-    O(P³) — for data with fewer outputs N·C than parameters P (small N, or a subset of the
-    data). Memory: B, R × P numbers. Singular values below R·ε·σ_max are dropped (their
-    directions carry no curvature to rounding).
+    B = V diag(σ) Wᵀ: H = W diag(σ²) Wᵀ with rank ≤ min(R, P).
+
+    Its log-determinant is the function-space (kernel) form of the evidence,
+
+        log det(s·H + P0) = log det P0 + log det(I_R + s·B P0⁻¹ Bᵀ),
+
+    with B P0⁻¹ Bᵀ = Λ^½ J P0⁻¹ Jᵀ Λ^½ the NTK under the prior (Immer, Korzepa & Bauer,
+    AISTATS 2021), and every posterior operation is exact, as for ``"full"``, at O(P·rank²)
+    instead of O(P³): for data with fewer outputs N·C than parameters P (small N, or a subset
+    of the data). Memory: B, R × P numbers (at most :attr:`MAX_NUMBERS`). Singular values below
+    R·ε·σ_max are dropped (their directions carry no curvature to rounding).
     """
 
     #: most numbers kept as rows (2^30: 4 GiB in float32) before the fit stops with an error
