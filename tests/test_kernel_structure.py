@@ -138,3 +138,21 @@ def test_too_many_rows_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(KernelAccumulator, "MAX_NUMBERS", 10 * 87)
     with pytest.raises(ValueError, match="rows so far exceed"):
         _fit(model, loader, "classification")
+
+
+def test_heteroscedastic_equals_full():
+    from marglik.likelihoods import NaturalGaussian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    with torch.no_grad():
+        model[2].bias[1] = -1.0  # η2 < 0
+    X = torch.randn(20, 1, dtype=torch.float64)
+    y = torch.randn(20, 1, dtype=torch.float64)
+    fits = [marglik.Laplace(model, NaturalGaussian(), hessian_structure=s).fit([(X, y)])
+            for s in ("kernel", "full")]
+    delta = torch.tensor(0.7, dtype=torch.float64)
+    torch.testing.assert_close(fits[0].log_marginal_likelihood(delta),
+                               fits[1].log_marginal_likelihood(delta), rtol=1e-10, atol=1e-10)
+    for a, b in zip(fits[0](X[:5]), fits[1](X[:5])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
