@@ -131,7 +131,7 @@ def test_last_layer_optimised_prior_and_round_trip(tmp_path):
 
 
 def test_too_many_rows_is_a_clear_error(monkeypatch):
-    from marglik.curvature.accumulators import KernelAccumulator
+    from marglik.curvature.low_rank import KernelAccumulator
 
     model, X, y, loader = _problem("classification")
     # 18 rows (C − 1 = 2 per image) of P = 87 numbers

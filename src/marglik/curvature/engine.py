@@ -60,12 +60,20 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from marglik.curvature.accumulators import ACCUMULATORS, FitSpec, Sums
+from marglik.curvature.accumulators import (
+    Accumulator,
+    DiagAccumulator,
+    FitSpec,
+    FullAccumulator,
+    KronAccumulator,
+    Sums,
+)
 from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, Inputs, batches, call_model
 from marglik.curvature.columns import CURVATURES
 from marglik.curvature.kfac import KFAC_APPROXIMATIONS
 from marglik.curvature.layers import FitRecorder, GraphLayerRecorder, LayerMap, layer_map
 from marglik.curvature.local import OwnerRecorder, inconsistent_owners, owner_records
+from marglik.curvature.low_rank import KernelAccumulator, LowRankAccumulator
 from marglik.curvature.recorded import layer_batches
 from marglik.curvature.runtime import accumulation_dtype, eval_mode
 from marglik.curvature.silent import (
@@ -79,6 +87,14 @@ from marglik.distributed import all_reduce_sum, is_distributed
 from marglik.likelihoods import Likelihood
 from marglik.structures import BlockDiagonal
 
+#: structure name -> accumulator class
+ACCUMULATORS: dict[str, type[Accumulator]] = {
+    "full": FullAccumulator,
+    "diag": DiagAccumulator,
+    "kron": KronAccumulator,
+    "lowrank": LowRankAccumulator,
+    "kernel": KernelAccumulator,
+}
 STRUCTURES = tuple(ACCUMULATORS)
 
 __all__ = [

@@ -55,7 +55,7 @@ class Laplace(Posterior):
             is the exact GGN kept as its N·C rows (the function-space form: rank ≤ N·C,
             O(P·(NC)²) operations and N·C·P memory; exact like ``"full"`` when the data have
             fewer outputs than the model parameters); see
-            :class:`~marglik.curvature.accumulators.KernelAccumulator`.
+            :class:`~marglik.curvature.low_rank.KernelAccumulator`.
         curvature: ``"ggn" | "ef" | "ggn-mc" | "ggn-sampled"``: exact GGN, empirical Fisher,
             Monte Carlo Fisher (sampled targets) or sampled columns of Λ's factor (one
             backward pass per column instead of C; unbiased for the GGN, variance in
