@@ -19,10 +19,9 @@ autograd graph to h (θ* held at its current value) before every hyper-step.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -33,6 +32,13 @@ from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, split_batch, to_mo
 from marglik.evidence.optimize import HyperparameterStep
 from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
 from marglik.posterior import Laplace
+from marglik.training.hyperparameters import (
+    EVIDENCES,
+    FirstBatches,
+    check_hyperparameters,
+    differentiable_evidence,
+    minibatch_bound,
+)
 from marglik.training.map import _n_data, map_loss
 from marglik.training.optimizers import make_optimizer, optimizer_arguments
 
@@ -48,7 +54,7 @@ def marglik_training(
     lr_hyp: float = 1e-1,
     n_epochs_burnin: int = 0,
     marglik_frequency: int = 1,
-    n_hypersteps: int = 100,
+    n_hypersteps: int | None = None,
     prior_prec_init: float = 1.0,
     sigma_noise_init: float = 1.0,
     tune_sigma: bool | None = None,
@@ -61,6 +67,7 @@ def marglik_training(
     dict_key_x: str = DICT_KEY_X,
     dict_key_y: str = DICT_KEY_Y,
     *,
+    evidence: str = "laplace",
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.Adam,
     optimizer_kwargs: dict[str, Any] | None = None,
     scheduler_cls: type | None = None,
@@ -85,7 +92,8 @@ def marglik_training(
             ``laplace_kwargs["prior_groups"]`` (the MAP prior term then uses the same groups).
         n_epochs, lr: epochs and learning rate of θ's optimizer (default: 1e-3 for Adam, or
             ``optimizer_kwargs["lr"]``; giving both raises).
-        lr_hyp, n_hypersteps: Adam on the hyperparameters, steps per evidence update.
+        lr_hyp, n_hypersteps: Adam on the hyperparameters and its steps per evidence update
+            (default 100) or, with ``evidence="bound"``, per mini-batch (default 1).
         n_epochs_burnin, marglik_frequency: B and F of Algorithm 1.
         tune_sigma: learn σ (default: True for a Gaussian likelihood).
         laplace_kwargs: further :class:`~marglik.Laplace` arguments (e.g. ``kfac_approx``).
@@ -115,6 +123,16 @@ def marglik_training(
             first ``hyper_batches`` batches of a fresh pass over ``train_loader`` (different
             batches per step for a shuffling loader). The n of N samples stand for the data
             set: curvature and data fit are scaled by N/n, a cheaper, noisier evidence.
+        evidence: what the hyperparameters maximise (:mod:`marglik.training.hyperparameters`).
+            ``"laplace"``: the Laplace evidence over all the training data, refitted every
+            evidence epoch. ``"bound"``: the stochastic data-partitioned lower bound (Immer et
+            al., ICML 2023): in every evidence epoch, after each θ step on a mini-batch of M
+            points, ``n_hypersteps`` steps on that batch's unbiased estimate of the bound
+            (N/M)(log p(D_b|θ) − ½ log det(P0 + H_b/T)/P0) − ½ θᵀP0θ, so a hyperparameter step
+            costs one batch's curvature instead of a pass over the data; with
+            ``hyperparameters`` the batch is fitted with a graph to them. The epoch's
+            ``log_marglik`` (which also picks the best state) is then the mean of its batches'
+            estimates, a noisy lower estimate of the evidence along the epoch's θ.
         dict_key_x, dict_key_y: keys of dict batches as in :class:`~marglik.Laplace`, used
             here and passed to every Laplace (give them here, not in ``laplace_kwargs``).
         optimizer_cls, optimizer_kwargs, scheduler_cls, scheduler_kwargs: θ's optimizer
@@ -162,6 +180,13 @@ def marglik_training(
         raise ValueError(f"tune_sigma needs a Gaussian likelihood, not {lik.task}")
     if marglik_frequency < 1 or n_epochs < 1:
         raise ValueError("n_epochs and marglik_frequency must be at least 1")
+    if evidence not in EVIDENCES:
+        raise ValueError(f"evidence must be one of {EVIDENCES}, got {evidence!r}")
+    bound = evidence == "bound"
+    if n_hypersteps is None:
+        n_hypersteps = 1 if bound else 100
+    if isinstance(n_hypersteps, bool) or not isinstance(n_hypersteps, int) or n_hypersteps < 1:
+        raise ValueError(f"n_hypersteps must be a positive integer, got {n_hypersteps!r}")
     laplace_kwargs = dict(laplace_kwargs or {})
     if {"dict_key_x", "dict_key_y"} & set(laplace_kwargs):
         raise ValueError("give dict_key_x, dict_key_y to marglik_training, not in laplace_kwargs")
@@ -174,7 +199,7 @@ def marglik_training(
             raise ValueError("give temperature once: temperature= or laplace_kwargs")
         laplace_kwargs["temperature"] = temperature
     temperature = float(laplace_kwargs.get("temperature", 1.0))
-    extra = _check_hyperparameters(hyperparameters, model)
+    extra = check_hyperparameters(hyperparameters, model)
     subset: dict[str, Any] = {"subset_of_weights": "all"}
     if extra:
         if hessian_structure not in ("full", "kron", "diag"):
@@ -196,6 +221,9 @@ def marglik_training(
     if len(weights) < len(list(model.parameters())):  # frozen tensors and h are not weights
         subset = {"subset_of_weights": "subnetwork", "subnetwork": weights}
     if hyper_batches is not None:
+        if bound:
+            raise ValueError("hyper_batches applies to evidence='laplace'; the bound already "
+                             "steps on one mini-batch at a time")
         if not extra:
             raise ValueError("hyper_batches applies only with hyperparameters")
         if isinstance(hyper_batches, bool) or not isinstance(hyper_batches, int):
@@ -203,7 +231,7 @@ def marglik_training(
         if hyper_batches < 1:
             raise ValueError(f"hyper_batches must be a positive integer, got {hyper_batches}")
     hyper_loader = (
-        train_loader if hyper_batches is None else _FirstBatches(train_loader, hyper_batches)
+        train_loader if hyper_batches is None else FirstBatches(train_loader, hyper_batches)
     )
 
     def new_laplace(delta: Tensor, sigma: Tensor | None) -> Laplace:
@@ -271,18 +299,36 @@ def marglik_training(
         if loader_rng is not None:
             loader_rng.set_state(state["loader_rng"])
 
+
+    def map_precision() -> Tensor:
+        """δ as θ's prior term reads it (per parameter tensor), times T: the mode of
+        p(D|θ)^(1/T) p(θ); user prior groups are expanded first."""
+        delta = log_prior.detach().exp()
+        delta = delta if la.prior.groups is None else la.prior.expand(delta)
+        return temperature * delta if temperature != 1.0 else delta
+
+    def batch_bound(batch: Any) -> Callable[[Tensor, Tensor | None], Tensor]:
+        """The bound's estimate on ``batch`` as a function of (δ, σ), fitted at the current θ
+        (refitted with a graph per call when hyperparameters act on the curvature)."""
+        la_b = new_laplace(hyper.prior_precision, hyper.sigma_noise)
+        if not extra:
+            la_b.fit([batch])
+
+        def objective(d: Tensor, s: Tensor | None) -> Tensor:
+            if extra:
+                la_b.fit([batch], create_graph=True)
+            return minibatch_bound(la_b, n_data, d, s)
+        return objective
+
     param = next(model.parameters())
     bar = trange(start, n_epochs, disable=not progress, desc="marglik training")
     for epoch in bar:
-        delta = log_prior.detach().exp()
-        # the MAP prior term reads δ per parameter tensor; user prior groups are expanded first
-        delta_map = delta if la.prior.groups is None else la.prior.expand(delta)
-        if temperature != 1.0:  # the mode of p(D|θ)^(1/T) p(θ)
-            delta_map = temperature * delta_map
+        update = epoch >= n_epochs_burnin and (epoch - n_epochs_burnin) % marglik_frequency == 0
+        delta_map = map_precision()
         if log_sigma is not None:
             lik.sigma = log_sigma.detach().exp()
         model.train()
-        total, batches = 0.0, 0
+        total, batches, estimates = 0.0, 0, []
         for batch in train_loader:
             x, y = split_batch(batch, dict_key_x, dict_key_y)
             x = to_model(x, model)
@@ -293,15 +339,26 @@ def marglik_training(
             if scheduler is not None:
                 scheduler.step()
             total, batches = total + loss.item(), batches + 1
+            if bound and update:  # hyperparameter steps on this batch's estimate of the bound
+                objective = batch_bound(batch)
+                for _ in range(n_hypersteps):
+                    history["neg_log_marglik"].append(-hyper.step(objective))
+                estimates.append(-history["neg_log_marglik"][-n_hypersteps])
+                delta_map = map_precision()
+                if log_sigma is not None:
+                    lik.sigma = log_sigma.detach().exp()
         history["loss"].append(total / batches)
 
         log_marglik = math.nan
-        if epoch >= n_epochs_burnin and (epoch - n_epochs_burnin) % marglik_frequency == 0:
+        if update:
+            delta = log_prior.detach().exp()
             sigma = log_sigma.detach().exp() if log_sigma is not None else None
-            if extra:  # the curvature depends on h: refit it differentiably per step
+            if bound:
+                log_marglik = sum(estimates) / len(estimates)
+            elif extra:  # the curvature depends on h: refit it differentiably per step
                 def objective(d: Tensor, s: Tensor | None, delta=delta, sigma=sigma) -> Tensor:
                     refit = new_laplace(delta, sigma)
-                    return _differentiable_evidence(refit, hyper_loader, n_data, d, s)
+                    return differentiable_evidence(refit, hyper_loader, n_data, d, s)
 
                 for _ in range(n_hypersteps):
                     history["neg_log_marglik"].append(-hyper.step(objective))
@@ -310,8 +367,9 @@ def marglik_training(
                 la = new_laplace(delta, sigma).fit(train_loader)
                 for _ in range(n_hypersteps):
                     history["neg_log_marglik"].append(-hyper.step(la.log_marginal_likelihood))
-            s = log_sigma.detach().exp() if log_sigma is not None else None
-            log_marglik = la.log_marginal_likelihood(log_prior.detach().exp(), s).item()
+            if not bound:
+                s = log_sigma.detach().exp() if log_sigma is not None else None
+                log_marglik = la.log_marginal_likelihood(log_prior.detach().exp(), s).item()
             if log_marglik > best["log_marglik"]:
                 best = {
                     "log_marglik": log_marglik,
@@ -368,70 +426,3 @@ def marglik_training(
     if returns == "laplace-torch":
         return la, model, list(history["neg_log_marglik"]), list(history["loss"])
     return la, model, history
-
-
-class _FirstBatches:
-    """The first ``k`` batches of a fresh pass over ``loader`` (re-iterable)."""
-
-    def __init__(self, loader: Iterable, k: int):
-        self.loader, self.k = loader, k
-
-    def __iter__(self) -> Iterator:
-        return itertools.islice(iter(self.loader), self.k)
-
-
-def _check_hyperparameters(
-    hyperparameters: Tensor | Iterable[Tensor] | None, model: nn.Module
-) -> list[Tensor]:
-    """The registered hyperparameters as a list of distinct leaf tensors requiring grad."""
-    if hyperparameters is None:
-        return []
-    if isinstance(hyperparameters, Tensor):
-        hyperparameters = [hyperparameters]
-    try:
-        given = list(hyperparameters)
-    except TypeError:
-        raise ValueError(
-            "hyperparameters must be a tensor or an iterable of tensors, got "
-            f"{type(hyperparameters).__name__}"
-        ) from None
-    seen: set[int] = set()
-    for i, h in enumerate(given):
-        if not isinstance(h, Tensor):
-            raise ValueError(f"hyperparameters[{i}] is a {type(h).__name__}, not a tensor")
-        if not h.is_floating_point():
-            raise ValueError(f"hyperparameters[{i}] must be a floating tensor, got {h.dtype}")
-        if not h.requires_grad:
-            raise ValueError(
-                f"hyperparameters[{i}] does not require grad: create it with "
-                "requires_grad=True (or as an nn.Parameter)"
-            )
-        if not h.is_leaf:
-            raise ValueError(
-                f"hyperparameters[{i}] is not a leaf tensor (it is computed from other "
-                "tensors): register the tensor the optimizer should update"
-            )
-        if id(h) in seen:
-            raise ValueError(f"hyperparameters[{i}] is registered twice")
-        seen.add(id(h))
-    return given
-
-
-def _differentiable_evidence(
-    la: Laplace,
-    loader: Iterable,
-    n_data: int,
-    prior_precision: Tensor,
-    sigma_noise: Tensor | None,
-) -> Tensor:
-    """log Z at δ, σ from a curvature fitted with a graph to the registered hyperparameters.
-
-    If ``loader`` yields only n < N = ``n_data`` samples, they stand for the data set: the
-    data-fit statistics are scaled by N/n and the curvature by tempering T → T·n/N.
-    """
-    la.fit(loader, create_graph=True)
-    if la.n_data < n_data:
-        factor = n_data / la.n_data
-        la.statistics = {k: v * factor for k, v in la.statistics.items()}
-        la.temperature = la.temperature / factor
-    return la.log_marginal_likelihood(prior_precision, sigma_noise)
