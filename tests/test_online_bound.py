@@ -106,6 +106,11 @@ def test_burn_in_frequency_and_steps_per_batch():
     deltas = [tuple(d) for d in history["prior_precision"]]
     assert deltas[0] == deltas[1] == (1.0,) * 4  # burn-in leaves δ alone
     assert deltas[2] != deltas[1] and deltas[3] == deltas[2]
+    # no steps: δ stays, the epochs still get the estimate of the bound
+    _, _, history = marglik_training(net(), loader, "classification", n_epochs=2,
+                                     n_hypersteps=0, evidence="bound")
+    assert history["prior_precision"] == [[1.0] * 4] * 2 and history["neg_log_marglik"] == []
+    assert all(math.isfinite(v) for v in history["log_marglik"])
 
 
 def test_learns_noise_and_prior_for_regression():
@@ -218,8 +223,8 @@ def test_bad_arguments_raise():
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     with pytest.raises(ValueError, match="evidence must be one of"):
         marglik_training(net(), loader, n_epochs=1, evidence="stochastic")
-    with pytest.raises(ValueError, match="n_hypersteps must be a positive integer"):
-        marglik_training(net(), loader, n_epochs=1, evidence="bound", n_hypersteps=0)
+    with pytest.raises(ValueError, match="n_hypersteps must be a non-negative integer"):
+        marglik_training(net(), loader, n_epochs=1, evidence="bound", n_hypersteps=-1)
     h = torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match="hyper_batches applies to evidence='laplace'"):
         marglik_training(net(), loader, n_epochs=1, evidence="bound", hyperparameters=[h],

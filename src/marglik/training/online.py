@@ -185,8 +185,8 @@ def marglik_training(
     bound = evidence == "bound"
     if n_hypersteps is None:
         n_hypersteps = 1 if bound else 100
-    if isinstance(n_hypersteps, bool) or not isinstance(n_hypersteps, int) or n_hypersteps < 1:
-        raise ValueError(f"n_hypersteps must be a positive integer, got {n_hypersteps!r}")
+    if isinstance(n_hypersteps, bool) or not isinstance(n_hypersteps, int) or n_hypersteps < 0:
+        raise ValueError(f"n_hypersteps must be a non-negative integer, got {n_hypersteps!r}")
     laplace_kwargs = dict(laplace_kwargs or {})
     if {"dict_key_x", "dict_key_y"} & set(laplace_kwargs):
         raise ValueError("give dict_key_x, dict_key_y to marglik_training, not in laplace_kwargs")
@@ -341,9 +341,10 @@ def marglik_training(
             total, batches = total + loss.item(), batches + 1
             if bound and update:  # hyperparameter steps on this batch's estimate of the bound
                 objective = batch_bound(batch)
-                for _ in range(n_hypersteps):
-                    history["neg_log_marglik"].append(-hyper.step(objective))
-                estimates.append(-history["neg_log_marglik"][-n_hypersteps])
+                values = [hyper.step(objective) for _ in range(n_hypersteps)]
+                history["neg_log_marglik"].extend(-v for v in values)
+                estimates.append(values[0] if values else objective(
+                    hyper.prior_precision, hyper.sigma_noise).item())
                 delta_map = map_precision()
                 if log_sigma is not None:
                     lik.sigma = log_sigma.detach().exp()
