@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -150,7 +151,8 @@ def marglik_training(
         (la, model, history): the fitted Laplace at the best-evidence state, the model holding
         those weights (and the hyperparameters set to their values at that state), and
         per-epoch lists ``"loss"``, ``"log_marglik"`` (NaN when not evaluated),
-        ``"prior_precision"``, ``"sigma_noise"`` and, with ``hyperparameters``,
+        ``"prior_precision"``, ``"sigma_noise"``, ``"hyper_seconds"`` (wall time of the
+        epoch's hyperparameter work: curvature fits and steps) and, with ``hyperparameters``,
         ``"hyperparameters"`` (per epoch a list with each tensor's ``tolist()``); and
         ``"neg_log_marglik"``, −log Z before each hyperparameter step (``n_hypersteps`` per
         evidence update; laplace-torch's ``margliks``).
@@ -267,6 +269,7 @@ def marglik_training(
         "prior_precision": [],
         "sigma_noise": [],
         "neg_log_marglik": [],
+        "hyper_seconds": [],
     }
     if extra:
         history["hyperparameters"] = []
@@ -295,6 +298,7 @@ def marglik_training(
             scheduler.load_state_dict(state["scheduler"])
         history, best, start = state["history"], state["best"], state["epoch"] + 1
         history.setdefault("neg_log_marglik", [])
+        history.setdefault("hyper_seconds", [])
         torch.set_rng_state(state["rng"])
         if loader_rng is not None:
             loader_rng.set_state(state["loader_rng"])
@@ -328,7 +332,7 @@ def marglik_training(
         if log_sigma is not None:
             lik.sigma = log_sigma.detach().exp()
         model.train()
-        total, batches, estimates = 0.0, 0, []
+        total, batches, estimates, hyper_seconds = 0.0, 0, [], 0.0
         for batch in train_loader:
             x, y = split_batch(batch, dict_key_x, dict_key_y)
             x = to_model(x, model)
@@ -340,6 +344,7 @@ def marglik_training(
                 scheduler.step()
             total, batches = total + loss.item(), batches + 1
             if bound and update:  # hyperparameter steps on this batch's estimate of the bound
+                tic = time.perf_counter()
                 objective = batch_bound(batch)
                 values = [hyper.step(objective) for _ in range(n_hypersteps)]
                 history["neg_log_marglik"].extend(-v for v in values)
@@ -348,9 +353,11 @@ def marglik_training(
                 delta_map = map_precision()
                 if log_sigma is not None:
                     lik.sigma = log_sigma.detach().exp()
+                hyper_seconds += time.perf_counter() - tic
         history["loss"].append(total / batches)
 
         log_marglik = math.nan
+        tic = time.perf_counter()
         if update:
             delta = log_prior.detach().exp()
             sigma = log_sigma.detach().exp() if log_sigma is not None else None
@@ -380,6 +387,7 @@ def marglik_training(
                 }
                 if extra:
                     best["hyperparameters"] = [h.detach().clone() for h in extra]
+        history["hyper_seconds"].append(hyper_seconds + time.perf_counter() - tic)
         history["log_marglik"].append(log_marglik)
         history["prior_precision"].append(log_prior.detach().exp().tolist())
         history["sigma_noise"].append(
