@@ -63,10 +63,10 @@ def test_the_batch_estimates_average_to_the_partitioned_bound_with_gradients(tas
         assert mean.item() <= la.log_marginal_likelihood(delta, sigma).item() + 1e-9
 
 
-def test_one_epoch_takes_adam_steps_on_each_batch_estimate_in_turn():
-    """θ held fixed (SGD, lr 0): the hyperparameter path equals Adam run by hand on the
-    partitioned bound's one-partition estimates, batch by batch (an independent route: its data
-    fit is the whole data's, whose δ-gradient is zero)."""
+def test_an_update_takes_adam_steps_on_the_next_batches_estimates_in_turn():
+    """θ held fixed (SGD, lr 0): the 10 hyperparameter steps of one update equal Adam run by hand
+    on the partitioned bound's one-partition estimates of batches 0, 1, 2, 3, 0, 1, ... (an
+    independent route: its data fit is the whole data's, whose δ-gradient is zero)."""
     torch.manual_seed(0)
     x, y = classification_data()
     loader = DataLoader(TensorDataset(x, y), batch_size=6)
@@ -81,18 +81,18 @@ def test_one_epoch_takes_adam_steps_on_each_batch_estimate_in_turn():
     la = Laplace(model, "classification", hessian_structure="full").fit(batches)
     bound = PartitionedEvidence(la, [[b] for b in batches])
     hyper = HyperparameterStep(torch.zeros(la.prior.shape("layerwise")), lr=0.3)
-    for b in range(len(batches)):
-        hyper.step(lambda d, s, b=b: bound.estimate([b], d))
+    for k in range(10):
+        hyper.step(lambda d, s, b=k % len(batches): bound.estimate([b], d))
     torch.testing.assert_close(
         torch.tensor(history["prior_precision"][-1]), hyper.prior_precision, rtol=1e-10, atol=0
     )
-    assert len(history["neg_log_marglik"]) == len(batches)
+    assert len(history["neg_log_marglik"]) == 10
     # the epoch's evidence is the mean of the estimates before each step
     assert history["log_marglik"][0] == pytest.approx(
-        -sum(history["neg_log_marglik"]) / len(batches), rel=1e-12)
+        -sum(history["neg_log_marglik"]) / 10, rel=1e-12)
 
 
-def test_burn_in_frequency_and_steps_per_batch():
+def test_burn_in_frequency_and_steps_per_update():
     torch.manual_seed(0)
     x, y = classification_data()
     loader = DataLoader(TensorDataset(x, y), batch_size=8)  # 3 batches
@@ -102,7 +102,7 @@ def test_burn_in_frequency_and_steps_per_batch():
     )
     evaluated = [e for e, v in enumerate(history["log_marglik"]) if not math.isnan(v)]
     assert evaluated == [2, 4, 6]
-    assert len(history["neg_log_marglik"]) == 3 * 3 * 2
+    assert len(history["neg_log_marglik"]) == 3 * 2
     deltas = [tuple(d) for d in history["prior_precision"]]
     assert deltas[0] == deltas[1] == (1.0,) * 4  # burn-in leaves δ alone
     assert deltas[2] != deltas[1] and deltas[3] == deltas[2]
@@ -127,6 +127,24 @@ def test_learns_noise_and_prior_for_regression():
     assert 0.2 < la.sigma_noise.item() < 0.45  # true noise 0.3
     evaluated = [v for v in history["log_marglik"] if not math.isnan(v)]
     assert len(evaluated) == 180 and evaluated[-1] > evaluated[0]
+
+
+def test_the_bound_steps_on_its_own_loader():
+    """bound_loader: one big batch (M = N) makes every estimate the exact evidence."""
+    torch.manual_seed(0)
+    x, y = classification_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=6)
+    model = net()
+    _, _, history = marglik_training(
+        model, loader, "classification", hessian_structure="full", n_epochs=1, n_hypersteps=3,
+        evidence="bound", bound_loader=[(x, y)], optimizer_cls=torch.optim.SGD,
+        optimizer_kwargs={"lr": 0.0},
+    )
+    la = Laplace(model, "classification", hessian_structure="full").fit([(x, y)])
+    hyper = HyperparameterStep(torch.zeros(la.prior.shape("layerwise")), lr=0.1)
+    expected = [hyper.step(lambda d, s: la.log_marginal_likelihood(d)) for _ in range(3)]
+    torch.testing.assert_close(torch.tensor(history["neg_log_marglik"]),
+                               -torch.tensor(expected), rtol=1e-10, atol=0)
 
 
 def test_hyperparameter_gradient_of_the_batch_estimate_matches_finite_differences():
@@ -202,15 +220,21 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
         if epoch == 2:
             raise Interrupt
 
+    def bound_loader():  # its own shuffling generator, saved in the checkpoint too
+        return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True,
+                          generator=torch.Generator().manual_seed(5))
+
     torch.manual_seed(1)
     model_a = net(1, 1)
-    la_a, _, hist_a = marglik_training(model_a, loader(), **kwargs)
+    la_a, _, hist_a = marglik_training(model_a, loader(), bound_loader=bound_loader(), **kwargs)
     torch.manual_seed(1)
     model_b = net(1, 1)
     path = tmp_path / "run.pt"
     with pytest.raises(Interrupt):
-        marglik_training(model_b, loader(), checkpoint=path, callback=stop_at_2, **kwargs)
-    la_c, model_c, hist_c = marglik_training(net(1, 1), loader(), checkpoint=path, **kwargs)
+        marglik_training(model_b, loader(), checkpoint=path, callback=stop_at_2,
+                         bound_loader=bound_loader(), **kwargs)
+    la_c, model_c, hist_c = marglik_training(net(1, 1), loader(), checkpoint=path,
+                                             bound_loader=bound_loader(), **kwargs)
     assert hist_c["loss"] == hist_a["loss"] and hist_c["prior_precision"] == hist_a[
         "prior_precision"]
     assert hist_c["neg_log_marglik"] == hist_a["neg_log_marglik"]
@@ -229,3 +253,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="hyper_batches applies to evidence='laplace'"):
         marglik_training(net(), loader, n_epochs=1, evidence="bound", hyperparameters=[h],
                          hyper_batches=1)
+    with pytest.raises(ValueError, match="bound_loader applies only with evidence='bound'"):
+        marglik_training(net(), loader, n_epochs=1, bound_loader=loader)
+    with pytest.raises(ValueError, match="the loader of the bound's batches is empty"):
+        marglik_training(net(), loader, n_epochs=1, evidence="bound", bound_loader=[])

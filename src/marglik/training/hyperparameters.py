@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from marglik.evidence.laplace import laplace_log_evidence
 from marglik.posterior import Laplace
 
-__all__ = ["EVIDENCES", "FirstBatches", "check_hyperparameters", "differentiable_evidence",
-           "minibatch_bound"]
+__all__ = ["EVIDENCES", "FirstBatches", "check_hyperparameters", "cycled_batches",
+           "differentiable_evidence", "minibatch_bound"]
 
 #: ``marglik_training(evidence=...)``: what one hyperparameter step maximises.
 EVIDENCES = ("laplace", "bound")
@@ -47,6 +47,24 @@ class FirstBatches:
 
     def __iter__(self) -> Iterator:
         return itertools.islice(iter(self.loader), self.k)
+
+
+def cycled_batches(loader: Iterable, k: int) -> Iterator:
+    """The next ``k`` batches of fresh passes over ``loader``, starting a new pass when one ends.
+
+    Raises:
+        ValueError: ``loader`` yields no batch.
+    """
+    it = iter(loader)
+    for _ in range(k):
+        try:
+            yield next(it)
+        except StopIteration:
+            it = iter(loader)
+            try:
+                yield next(it)
+            except StopIteration:
+                raise ValueError("the loader of the bound's batches is empty") from None
 
 
 def check_hyperparameters(
