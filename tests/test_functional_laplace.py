@@ -273,19 +273,36 @@ def test_subset_evidence_averages_below_the_exact_one():
 # ----------------------------------------------------------------------------- 3. gradients
 @pytest.mark.parametrize("mode", ["exact", "subset", "nystrom"])
 @pytest.mark.parametrize("case", ["classification", "regression"])
-def test_evidence_gradients_in_delta_and_sigma_match_finite_differences(case, mode):
+def test_one_delta_by_eigenvalues_equals_the_cholesky_evidence(case, mode):
+    """A scalar δ (and σ) takes log det(I + c A) = Σ log(1 + c λ_i) from one eigendecomposition;
+    the same δ given per group takes a Cholesky factorisation per evaluation."""
+    model, likelihood, kw, X, y, loader = setup(case, n=8)
+    fl = FunctionalLaplace(model, likelihood, n_subset=None if mode == "exact" else 5,
+                           nystrom=mode == "nystrom", temperature=1.7, **kw).fit(loader)
+    for delta in (0.3, 2.0, 40.0):
+        sigma = torch.tensor(0.4) if case == "regression" else None
+        spectral = fl.log_marginal_likelihood(torch.tensor(delta), sigma)
+        cholesky = fl.log_marginal_likelihood(torch.full((4,), delta), sigma)
+        torch.testing.assert_close(spectral, cholesky, rtol=1e-11, atol=0)
+
+
+@pytest.mark.parametrize("prior", ["scalar", "layerwise"])
+@pytest.mark.parametrize("mode", ["exact", "subset", "nystrom"])
+@pytest.mark.parametrize("case", ["classification", "regression"])
+def test_evidence_gradients_in_delta_and_sigma_match_finite_differences(case, mode, prior):
     model, likelihood, kw, X, y, loader = setup(case, n=8)
     n_subset = None if mode == "exact" else 5
     fl = FunctionalLaplace(model, likelihood, n_subset=n_subset, nystrom=mode == "nystrom",
                            **kw).fit(loader)
-    logs = [layerwise(model).log()]
+    logs = [layerwise(model).log() if prior == "layerwise" else torch.tensor([0.4])]
     if case == "regression":
         logs.append(torch.tensor(0.7).log())
     logs = torch.cat([t.reshape(-1) for t in logs]).requires_grad_(True)
+    n = len(logs[:4]) if prior == "layerwise" else 1
 
     def evidence(v: Tensor) -> Tensor:
-        delta = v[:4].exp()
-        sigma = v[4].exp() if case == "regression" else None
+        delta = v[:n].exp() if prior == "layerwise" else v[0].exp()
+        sigma = v[n].exp() if case == "regression" else None
         return fl.log_marginal_likelihood(delta, sigma)
 
     (grad,) = torch.autograd.grad(evidence(logs), logs)

@@ -37,6 +37,7 @@ __all__ = [
     "group_kernels",
     "log_det_from_cholesky",
     "pathwise_map",
+    "pathwise_samples",
     "posterior_covariance",
     "project",
     "same_values",
@@ -199,3 +200,14 @@ def same_values(a: tuple, b: tuple) -> bool:
         elif u != v:
             return False
     return True
+
+
+def pathwise_samples(J: Tensor, W: Tensor, inverse_delta: Tensor, L_S: Tensor, n_samples: int,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """``n_samples`` draws of θ − θ* (S, P) by :func:`pathwise_map` for Jacobians J (n, D, P),
+    factors W (n, D, K), 1/δ (0-d or (P,)) and the Cholesky factor of I + A."""
+    P = J.shape[-1]
+    Jt_W = torch.einsum("ndp,ndk->pnk", J, W).reshape(P, -1)
+    xi = torch.randn(n_samples, P, generator=generator, dtype=J.dtype)
+    eps = torch.randn(n_samples, Jt_W.shape[1], generator=generator, dtype=J.dtype)
+    return pathwise_map(Jt_W, inverse_delta.expand(P), L_S, xi.to(J.device), eps.to(J.device))

@@ -33,7 +33,12 @@ from marglik.posterior import function_space as fs
 from marglik.posterior.base import Posterior
 from marglik.posterior.functional_state import functional_state, load_functional_state
 from marglik.posterior.jacobians import per_sample_jacobians
-from marglik.posterior.kernel_data import SUBSET_METHODS, choose_subset, data_pass
+from marglik.posterior.kernel_data import (
+    check_subset_options,
+    choose_subset,
+    data_pass,
+    parameter_groups,
+)
 from marglik.posterior.prior import Prior, check_precision
 from marglik.posterior.samples import sample_outputs
 
@@ -46,27 +51,21 @@ MAX_ELEMENTS = 2**24
 class FunctionalLaplace(Posterior):
     """Laplace posterior of a trained network in function space, as a GP with the prior NTK.
 
-    Three ways to use the training data (``n_subset``, ``nystrom``):
+    Three ways to use the training data (``n_subset``, ``nystrom``; ``docs/function-space.md``
+    has the maths, the costs and what each estimates):
 
-    - exact (``n_subset=None``): all N points. The evidence and the predictive equal those of
-      the weight-space ``Laplace(hessian_structure="full")`` (GGN) to rounding; costs
-      O(N·D·P) memory for the Jacobians, G kernels of (N·D)² numbers (G prior groups) and an
-      (N·K)³ Cholesky factorisation per evidence evaluation (K = columns of Λ's factor:
-      C − 1 for the softmax, C for regression).
-    - subset of data (``n_subset=M``): the GP is conditioned on M points chosen at random or
-      balanced over classes. The evidence keeps the exact data fit and scatter and rescales
-      the subset's log-determinant by N/M,
-      log Z ≈ log p(D|θ*) − ½ (θ*−μ0)ᵀP0(θ*−μ0) − ½ (N/M) log det(I + W_Mᵀ K_MM W_M).
-      For a uniformly random subset this is an unbiased estimate of the data-partitioned
-      bound of Immer et al. (ICML 2023) averaged over random partitions into blocks of M
-      (:class:`marglik.evidence.PartitionedEvidence`), which is a lower bound of the exact
-      evidence: a lower bound *in expectation*, not for every draw. With M = N it is exact.
-      A class-balanced subset is a stratified draw; it estimates no bound exactly.
-    - Nyström (``n_subset=M, nystrom=True``): the M chosen points are inducing inputs,
+    - exact (``n_subset=None``): all N points; the evidence and the predictive equal those of
+      ``Laplace(hessian_structure="full")`` (GGN) to rounding;
+    - subset of data (``n_subset=M``): the GP conditioned on M points chosen at random or
+      balanced over classes; the evidence keeps the exact data fit and scatter and rescales
+      the subset's log-determinant by N/M. For a uniformly random subset that is an unbiased
+      estimate of the data-partitioned bound of Immer et al. (ICML 2023) averaged over random
+      partitions into blocks of M (:class:`marglik.evidence.PartitionedEvidence`), a lower
+      bound of the exact evidence in expectation (not for every draw); with M = N it is exact;
+      a class-balanced subset is a stratified draw and estimates no bound exactly;
+    - Nyström (``n_subset=M, nystrom=True``): the M points are inducing inputs,
       K_XX ≈ K_XZ K_ZZ⁻¹ K_ZX; the evidence covers all N points through an M·D × M·D
-      determinant and is an *upper* bound of the exact one (the Nyström kernel is below the
-      exact one; data fit and scatter are exact); the predictive is the DTC one (exact prior
-      variance). With M = N it is exact.
+      determinant and is an upper bound of the exact one; the predictive is the DTC one.
 
     Args:
         model: a trained network, left exactly as it was (every pass runs in eval mode inside
@@ -128,19 +127,7 @@ class FunctionalLaplace(Posterior):
         if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
             raise ValueError(f"temperature must be positive and finite, got {temperature}")
         self.temperature = float(temperature)
-        if n_subset is not None and (not isinstance(n_subset, int) or isinstance(n_subset, bool)
-                                     or n_subset < 1):
-            raise ValueError(f"n_subset must be a positive integer or None, got {n_subset!r}")
-        if subset_method not in SUBSET_METHODS:
-            raise ValueError(f"unknown subset_method {subset_method!r}: use one of "
-                             f"{SUBSET_METHODS}")
-        if subset_method == "class" and self.likelihood.task not in ("classification", "binary"):
-            raise ValueError("subset_method='class' balances classes: it needs a classification "
-                             f"or binary likelihood, not {self.likelihood.task}")
-        if not isinstance(nystrom, bool):
-            raise TypeError(f"nystrom must be True or False, got {nystrom!r}")
-        if nystrom and n_subset is None:
-            raise ValueError("nystrom=True needs n_subset=M, the number of inducing points")
+        check_subset_options(n_subset, subset_method, nystrom, self.likelihood.task)
         self.n_subset, self.subset_method, self.nystrom = n_subset, subset_method, nystrom
         self.seed, self.generator = seed, generator
         self.subset_of_weights = subset_of_weights
@@ -161,6 +148,7 @@ class FunctionalLaplace(Posterior):
         self._cross: Tensor | None = None  # Nyström: per-group K_XZ (G, N·D, M·D)
         self._out_shape: torch.Size | None = None
         self._cache: tuple | None = None
+        self._eigenvalues: Tensor | None = None
 
     def _set_subset(self, subset: ParameterSubset) -> None:
         self.subset = subset
@@ -208,13 +196,13 @@ class FunctionalLaplace(Posterior):
             with eval_mode(self.model, trainable):
                 self._fit_passes(train_loader, create_graph)
         self.mean = self.subset.vector(self.model)
-        self._cache = None
+        self._cache = self._eigenvalues = None
         return self
 
     def _fit_passes(self, loader: Iterable, create_graph: bool) -> None:
         args = (self.model, self.likelihood, loader, self.subset,
                 (self.dict_key_x, self.dict_key_y))
-        groups, n_groups = self._parameter_groups(), self.prior.n_groups
+        groups, n_groups = parameter_groups(self.prior), self.prior.n_groups
         if self.n_subset is None:
             points = first = data_pass(*args, select="all", create_graph=create_graph)
             self.indices = None
@@ -237,16 +225,6 @@ class FunctionalLaplace(Posterior):
         self._J, self._out_shape = J, first.out_shape
         self.statistics, self.n_data = first.statistics, first.n_data
 
-    def _parameter_groups(self) -> Tensor:
-        """The prior group of every parameter of θ, (P,)."""
-        prior = self.prior
-        if prior.groups is None:
-            of_tensor = list(range(len(prior.names)))
-        else:
-            index = {name: g for g, members in enumerate(prior.groups) for name in members}
-            of_tensor = [index[name] for name in prior.names]
-        return torch.tensor(of_tensor).repeat_interleave(torch.tensor(prior.numel))
-
     # ---- hyperparameters ----------------------------------------------------------------------
     def _delta(self, prior_precision: Tensor | None) -> Tensor:
         delta = self.prior.precision if prior_precision is None else prior_precision
@@ -259,10 +237,12 @@ class FunctionalLaplace(Posterior):
             return "group", (1 / delta).expand(self.prior.n_groups)
         return ("group" if kind == "group" else "parameter"), 1 / delta
 
-    def _factor(self, sigma_noise: Tensor | None) -> Tensor:
-        """W with W_n W_nᵀ = Λ_n / T where Λ enters, (n, D, K); Gaussian: from σ."""
+    def _factor(self, sigma_noise: Tensor | None, unit: bool = False) -> Tensor:
+        """W with W_n W_nᵀ = Λ_n / T where Λ enters, (n, D, K); Gaussian: from σ.
+        ``unit``: at σ = 1 and T = 1."""
         if isinstance(self.likelihood, Gaussian):
             sigma = self.sigma_noise if sigma_noise is None else check_sigma(sigma_noise)
+            sigma = torch.ones_like(sigma) if unit else sigma
             w = (torch.ones(self._out_shape, dtype=self._gram.dtype, device=self._gram.device)
                  / sigma.to(self._gram)).reshape(-1)
             n = self._cross.shape[1] // w.numel() if self.nystrom else self._J.shape[0]
@@ -272,7 +252,7 @@ class FunctionalLaplace(Posterior):
                 raise ValueError(
                     f"sigma_noise only applies to regression, not {self.likelihood.task}")
             W = self._W
-        return W / math.sqrt(self.temperature)
+        return W if unit else W / math.sqrt(self.temperature)
 
     def _kernel(self, inverse: tuple[str, Tensor]) -> Tensor:
         """κ over the kernel points under the prior, (n·D, n·D)."""
@@ -282,13 +262,14 @@ class FunctionalLaplace(Posterior):
         rows = self._J.reshape(-1, self._J.shape[-1])
         return (rows * value.to(rows)) @ rows.T
 
-    def _factors(self, delta: Tensor, sigma_noise: Tensor | None
-                 ) -> tuple[Tensor | None, Tensor, Tensor]:
-        """(chol K_ZZ or None, chol of the evidence matrix S, W) for δ and σ."""
+    def _evidence_matrix(self, delta: Tensor, sigma_noise: Tensor | None, unit: bool = False
+                         ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(chol K_ZZ or None, A with S = I + A, W) for δ and σ: A = Wᵀ K W, or for Nyström
+        Ψ Ψᵀ with Ψ = L⁻¹ K_ZX W (M·D × M·D)."""
         inverse = self._inverse_delta(delta)
-        W = self._factor(sigma_noise)
+        W = self._factor(sigma_noise, unit)
         if not self.nystrom:
-            return None, fs.identity_plus(fs.project(W, self._kernel(inverse), W)), W
+            return None, fs.project(W, self._kernel(inverse), W), W
         if inverse[0] == "parameter":
             raise ValueError("a per-parameter prior precision needs the Jacobians of all "
                              "training points, which the Nyström posterior does not keep: use "
@@ -296,7 +277,37 @@ class FunctionalLaplace(Posterior):
         L = fs.cholesky_jittered(fs.summed_kernel(self._gram, inverse[1]))
         G = fs.project_rows(W, fs.summed_kernel(self._cross, inverse[1]))  # Wᵀ K_XZ (N·K, M·D)
         psi = torch.linalg.solve_triangular(L, G.T, upper=False)
-        return L, fs.identity_plus(psi @ psi.T), W
+        return L, psi @ psi.T, W
+
+    def _factors(self, delta: Tensor, sigma_noise: Tensor | None
+                 ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(chol K_ZZ or None, chol of the evidence matrix S = I + A, W) for δ and σ."""
+        L, A, W = self._evidence_matrix(delta, sigma_noise)
+        return L, fs.identity_plus(A), W
+
+    def _uniform_scale(self, delta: Tensor, sigma_noise: Tensor | None) -> Tensor | None:
+        """c with A(δ, σ, T) = c · A(1, 1, 1) where one number scales A: one δ for every
+        parameter (and a scalar σ), c = 1/(δ T σ²); None otherwise or with a graph to
+        registered hyperparameters."""
+        if delta.numel() != 1 or self._gram.requires_grad:
+            return None
+        c = 1 / (delta.reshape(()) * self.temperature)
+        if isinstance(self.likelihood, Gaussian):
+            sigma = self.sigma_noise if sigma_noise is None else check_sigma(sigma_noise)
+            if sigma.numel() != 1:
+                return None
+            c = c / sigma.reshape(()).to(c) ** 2
+        return c
+
+    def _spectrum(self) -> Tensor:
+        """Eigenvalues of A(1, 1, 1), computed once per fit: then an evidence evaluation with
+        one δ costs O(n·K) (log det(I + c A) = Σ log(1 + c λ_i))."""
+        if self._eigenvalues is None:
+            with torch.no_grad():
+                one = torch.ones((), dtype=self._gram.dtype, device=self._gram.device)
+                _, A, _ = self._evidence_matrix(one, None, unit=True)
+                self._eigenvalues = torch.linalg.eigvalsh(0.5 * (A + A.T)).clamp_min(0)
+        return self._eigenvalues
 
     def _cached_factors(self) -> tuple[Tensor | None, Tensor, Tensor]:
         """:meth:`_factors` at the stored δ and σ, without graph, cached until they change."""
@@ -322,8 +333,12 @@ class FunctionalLaplace(Posterior):
                       sigma_noise: Tensor | None = None) -> Tensor:
         """log det(I + Wᵀ K W), rescaled by N/M for a subset, Nyström form for ``nystrom``."""
         self.require_fit()
-        _, L_S, _ = self._factors(self._delta(prior_precision), sigma_noise)
-        logdet = fs.log_det_from_cholesky(L_S)
+        delta = self._delta(prior_precision)
+        c = self._uniform_scale(delta, sigma_noise)
+        if c is not None:
+            logdet = torch.log1p(c * self._spectrum()).sum()
+        else:
+            logdet = fs.log_det_from_cholesky(self._factors(delta, sigma_noise)[1])
         if self.mode == "subset":
             return logdet * (self.n_data / self.n_subset)
         return logdet
@@ -408,12 +423,8 @@ class FunctionalLaplace(Posterior):
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         _, L_S, W = self._cached_factors()
-        J = self._J.detach()
-        Jt_W = torch.einsum("ndp,ndk->pnk", J, W).reshape(J.shape[-1], -1)
-        inv = (1 / self.prior.expand(self._delta(None))).expand(J.shape[-1])
-        xi = torch.randn(n_samples, J.shape[-1], generator=generator, dtype=J.dtype)
-        eps = torch.randn(n_samples, Jt_W.shape[1], generator=generator, dtype=J.dtype)
-        dev = fs.pathwise_map(Jt_W, inv, L_S, xi.to(J.device), eps.to(J.device))
+        inv = 1 / self.prior.expand(self._delta(None))
+        dev = fs.pathwise_samples(self._J.detach(), W, inv, L_S, n_samples, generator)
         return self.mean + dev.to(self.mean)
 
     def function_samples(self, x: Tensor, n_samples: int = 100,
@@ -434,6 +445,6 @@ class FunctionalLaplace(Posterior):
     def load_state_dict(self, state: dict) -> FunctionalLaplace:
         """Restore :meth:`state_dict` output for the same model and settings."""
         load_functional_state(self, state)
-        self._cache = None
+        self._cache = self._eigenvalues = None
         return self
 

@@ -26,8 +26,10 @@ from marglik.curvature.subsets import ParameterSubset
 from marglik.likelihoods import Gaussian, Likelihood
 from marglik.posterior.function_space import group_kernels, sample_factor
 from marglik.posterior.jacobians import per_sample_jacobians
+from marglik.posterior.prior import Prior
 
-__all__ = ["PassResult", "SUBSET_METHODS", "choose_subset", "data_pass"]
+__all__ = ["SUBSET_METHODS", "PassResult", "check_subset_options", "choose_subset", "data_pass",
+           "parameter_groups"]
 
 #: how the M points of a subset are chosen
 SUBSET_METHODS = ("random", "class")
@@ -198,3 +200,29 @@ def _balanced_quota(counts: list[int], m: int) -> list[int]:
             left -= counts[k]
             open_.remove(k)
     return quota
+
+
+def parameter_groups(prior: Prior) -> Tensor:
+    """The prior group of every parameter of θ, (P,), for a bound prior."""
+    if prior.groups is None:
+        of_tensor = list(range(len(prior.names)))
+    else:
+        index = {name: g for g, members in enumerate(prior.groups) for name in members}
+        of_tensor = [index[name] for name in prior.names]
+    return torch.tensor(of_tensor).repeat_interleave(torch.tensor(prior.numel))
+
+
+def check_subset_options(n_subset: int | None, method: str, nystrom: bool, task: str) -> None:
+    """Raise a clear error for invalid ``n_subset`` / ``subset_method`` / ``nystrom``."""
+    if n_subset is not None and (not isinstance(n_subset, int) or isinstance(n_subset, bool)
+                                 or n_subset < 1):
+        raise ValueError(f"n_subset must be a positive integer or None, got {n_subset!r}")
+    if method not in SUBSET_METHODS:
+        raise ValueError(f"unknown subset_method {method!r}: use one of {SUBSET_METHODS}")
+    if method == "class" and task not in ("classification", "binary"):
+        raise ValueError("subset_method='class' balances classes: it needs a classification "
+                         f"or binary likelihood, not {task}")
+    if not isinstance(nystrom, bool):
+        raise TypeError(f"nystrom must be True or False, got {nystrom!r}")
+    if nystrom and n_subset is None:
+        raise ValueError("nystrom=True needs n_subset=M, the number of inducing points")
