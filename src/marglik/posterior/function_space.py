@@ -71,6 +71,8 @@ def group_kernels(J1: Tensor, J2: Tensor, groups: Tensor, n_groups: int) -> Tens
         J1: Jacobian rows (R1, P); J2: (R2, P).
         groups: group of every parameter (P,), values in [0, n_groups).
     """
+    if n_groups == 1:
+        return (J1 @ J2.T)[None]
     out = J1.new_zeros(n_groups, J1.shape[0], J2.shape[0])
     for g in range(n_groups):  # a handful of groups; each is one matrix product
         cols = (groups == g).nonzero().squeeze(1)

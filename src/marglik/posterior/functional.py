@@ -381,14 +381,14 @@ class FunctionalLaplace(Posterior):
     def functional_moment_chunks(self, x: Tensor, chunk_size: int | None = None,
                                  create_graph: bool = False, backend: str = "auto"
                                  ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Per-input moments over chunks of x, each about :data:`MAX_ELEMENTS` Jacobian numbers
-        (or ``chunk_size`` inputs)."""
+        """Per-input moments over chunks of x, each holding about :data:`MAX_ELEMENTS` numbers
+        (Jacobians and cross-kernels), or ``chunk_size`` inputs."""
         self.require_fit()
         x = to_model(x, self.model)
         n = batch_size(x, self.dict_key_x)
         if chunk_size is None:
-            per_input = max(1, self._J.shape[1] * self._J.shape[2])
-            chunk_size = max(1, MAX_ELEMENTS // per_input)
+            _, D, P = self._J.shape
+            chunk_size = max(1, MAX_ELEMENTS // (D * P + 3 * self._J.shape[0] * D * D))
         for start in range(0, n, chunk_size):
             with eval_mode(self.model, requires_grad=None):
                 item = self._moments(slice_inputs(x, start, start + chunk_size), False,
