@@ -7,6 +7,7 @@ The issue's proofs: the exact function-space evidence and predictive equal the w
 full-GGN ones to 1e-8 relative; a subset of M = N points and Nyström with M = N equal exact.
 """
 
+import copy
 import math
 
 import pytest
@@ -499,3 +500,22 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="one class label per point"):
         choose_subset(7, 2, "class", torch.randint(0, 3, (7, 2)))
     assert isinstance(marglik.FunctionalLaplace(model, likelihood), marglik.Posterior)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kw", [{}, {"n_subset": 4, "subset_method": "class"},
+                                {"n_subset": 4, "nystrom": True}])
+def test_cuda_matches_cpu(kw):
+    model, likelihood, _, X, y, loader = setup("classification")
+    cpu = FunctionalLaplace(model, likelihood, prior_precision=layerwise(model), **kw)
+    cpu.fit(loader)
+    gpu = FunctionalLaplace(copy.deepcopy(model).cuda(), likelihood,
+                            prior_precision=layerwise(model), **kw)
+    gpu.fit([(a.cuda(), b.cuda()) for a, b in loader])
+    xs = torch.randn(3, 2)
+    torch.testing.assert_close(gpu.log_marginal_likelihood().cpu(),
+                               cpu.log_marginal_likelihood(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(gpu.functional_moments(xs.cuda())[1].cpu(),
+                               cpu.functional_moments(xs)[1], rtol=1e-9, atol=1e-12)
+    if not kw.get("nystrom"):
+        assert gpu.function_samples(xs.cuda(), 4).shape == (4, 3, 3)

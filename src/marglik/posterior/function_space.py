@@ -74,6 +74,7 @@ def group_kernels(J1: Tensor, J2: Tensor, groups: Tensor, n_groups: int) -> Tens
     if n_groups == 1:
         return (J1 @ J2.T)[None]
     out = J1.new_zeros(n_groups, J1.shape[0], J2.shape[0])
+    groups = groups.to(J1.device)
     for g in range(n_groups):  # a handful of groups; each is one matrix product
         cols = (groups == g).nonzero().squeeze(1)
         if cols.numel():
