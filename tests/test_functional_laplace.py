@@ -378,6 +378,10 @@ def test_class_balanced_subset_is_balanced():
     fl = FunctionalLaplace(model, "classification", n_subset=9, subset_method="class")
     fl.fit(DataLoader(TensorDataset(X, labels), batch_size=16))
     assert torch.bincount(labels[fl.indices], minlength=3).tolist() == [3, 3, 3]
+    binary = (labels == 1).double()[:, None]  # (N, 1) targets of a binary likelihood
+    fl = FunctionalLaplace(mlp(1), "binary", n_subset=6, subset_method="class")
+    fl.fit([(X, binary)])
+    assert binary[fl.indices].sum() == 3
 
 
 def test_pathwise_weight_samples_have_the_weight_space_covariance():
@@ -409,6 +413,12 @@ def test_predictive_and_sampling_work_through_the_interface():
     torch.testing.assert_close(fl(xs), la(xs), rtol=1e-10, atol=1e-12)
     probs = fl(xs, pred_type="nn", n_samples=7, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+    grads = []  # enable_backprop: gradients of the predictive to the inputs
+    for post in (fl, la):
+        x = xs.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(post(x, enable_backprop=True)[:, 0].sum(), x)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- 5. state and model

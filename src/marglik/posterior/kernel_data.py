@@ -169,6 +169,8 @@ def choose_subset(n_data: int, m: int, method: str, targets: Tensor | None = Non
         raise ValueError(f"unknown subset_method {method!r}: use one of {SUBSET_METHODS}")
     if method == "random":
         return torch.randperm(n_data, generator=generator)[:m].sort().values
+    if targets is not None and targets.numel() == n_data:  # binary targets may be (N, 1)
+        targets = targets.reshape(n_data)
     if targets is None or targets.shape != (n_data,):
         got = None if targets is None else tuple(targets.shape)
         raise ValueError("subset_method='class' needs one class label per point (targets of "
