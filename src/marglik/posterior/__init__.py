@@ -8,10 +8,16 @@
   last layer or a subnetwork, with :mod:`~marglik.posterior.glm` (its linearised predictive
   moments), :mod:`~marglik.posterior.samples` (outputs under sampled weights) and
   :mod:`~marglik.posterior.state` (saving and loading).
+- :mod:`~marglik.posterior.functional`: :class:`FunctionalLaplace`, the same GGN posterior as a
+  GP over the outputs with the prior NTK (exact, subset of data or Nyström), with
+  :mod:`~marglik.posterior.function_space` (its linear algebra),
+  :mod:`~marglik.posterior.kernel_data` (its passes over the data) and
+  :mod:`~marglik.posterior.functional_state` (saving and loading).
 """
 
 from marglik.posterior.base import Posterior
+from marglik.posterior.functional import FunctionalLaplace
 from marglik.posterior.laplace import Laplace
 from marglik.posterior.prior import Prior
 
-__all__ = ["Laplace", "Posterior", "Prior"]
+__all__ = ["FunctionalLaplace", "Laplace", "Posterior", "Prior"]
