@@ -220,3 +220,13 @@ def test_a_checked_precision_modified_in_place_is_checked_again():
     assert check_precision(zero, allow_zero=True) is zero
     with pytest.raises(ValueError, match="positive"):  # allowed with zeros is not enough
         check_precision(zero)
+
+
+def test_groups_of_one_entry_each_read_delta_in_the_groups_order():
+    """With P one-entry tensors in P user groups listed out of parameter order, δ is per group
+    (the per-parameter reading would give each value to the wrong tensor)."""
+    prior = Prior(torch.tensor([1.0, 2.0, 3.0]), groups=[["c"], ["a"], ["b"]]).bind(
+        ["a", "b", "c"], [1, 1, 1])
+    assert prior.kind() == "group"
+    torch.testing.assert_close(prior.expand(), torch.tensor([2.0, 3.0, 1.0]), rtol=0, atol=0)
+    assert [d.item() for d in prior.per_tensor()] == [2.0, 3.0, 1.0]

@@ -216,7 +216,10 @@ class Prior:
         delta = self._resolve(precision)
         if delta.ndim == 0:
             return "scalar"
-        return "group" if delta.numel() == self.n_groups != self.size else "parameter"
+        if delta.numel() == self.n_groups and (self.groups is not None or
+                                               self.n_groups != self.size):
+            return "group"  # user groups: δ in their order, even when each holds one entry
+        return "parameter"
 
     def _group_index(self, device: torch.device) -> Tensor:
         """Group of every parameter, (P,)."""
