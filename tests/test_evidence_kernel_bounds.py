@@ -21,7 +21,7 @@ from torch import nn
 import marglik
 from marglik.evidence import KernelBound, PartitionedEvidence, class_partitions, random_partitions
 from marglik.evidence.bounds import check_partitions, partition_batches
-from marglik.evidence.bounds.rows import symmetric_root
+from marglik.evidence.bounds.rows import function_space_rows, symmetric_root
 from tests import oracle
 
 SIGMA = 0.5
@@ -150,6 +150,10 @@ def test_one_block_of_everything_is_the_exact_evidence(task):
     d = torch.tensor(0.7, dtype=torch.float64)
     torch.testing.assert_close(KernelBound(la, [(X, y)], parts)(d), other(d), rtol=1e-10,
                                atol=1e-10)
+    # rows computed once and shared give the same bounds
+    rows = function_space_rows(la, [(X, y)])
+    torch.testing.assert_close(KernelBound(la, None, parts, True, "layers", rows=rows)(d),
+                               KernelBound(la, [(X, y)], parts, True, "layers")(d), rtol=0, atol=0)
     # the diagonal bound is the exact diagonal structure's evidence
     diag = _fit(model, X, y, task, "diag")
     torch.testing.assert_close(KernelBound(la, [(X, y)], parameters="diag")(d),
@@ -335,6 +339,10 @@ def test_bad_input():
     data = [(X, y)]
     with pytest.raises(ValueError, match="same data"):
         KernelBound(la, [(X[:6], y[:6])])
+    with pytest.raises(ValueError, match="either data or rows"):
+        KernelBound(la, data, rows=function_space_rows(la, data))
+    with pytest.raises(ValueError, match="rows must have shape"):
+        KernelBound(la, None, rows=torch.zeros(12, 3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown parameter partition"):
         KernelBound(la, data, parameters="blocks")
     with pytest.raises(ValueError, match="partition the posterior's tensors"):

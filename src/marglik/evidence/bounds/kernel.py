@@ -47,7 +47,7 @@ from marglik.likelihoods.gaussian import check_sigma
 if TYPE_CHECKING:
     from marglik.posterior.laplace import Laplace
 
-__all__ = ["KernelBound", "log_det_ratio_rows", "log_det_ratio_spectrum"]
+__all__ = ["KernelBound", "gram_eigenvalues", "log_det_ratio_rows", "log_det_ratio_spectrum"]
 
 
 def log_det_ratio_rows(rows: Tensor, scale: Tensor, delta: Tensor) -> Tensor:
@@ -81,6 +81,13 @@ def log_det_ratio_spectrum(eigenvalues: Tensor, scale: Tensor, delta: Tensor) ->
     return torch.log1p(scale * eigenvalues / delta).sum(-1)
 
 
+def gram_eigenvalues(rows: Tensor) -> Tensor:
+    """Eigenvalues of R Rᵀ (= the non-zero ones of Rᵀ R) from the smaller Gram matrix,
+    clamped at 0: (..., min(r, p)) for rows R (..., r, p)."""
+    gram = rows @ rows.mT if rows.shape[-2] <= rows.shape[-1] else rows.mT @ rows
+    return torch.linalg.eigvalsh(gram).clamp_min(0)
+
+
 class KernelBound:
     """Data-, output- and parameter-partitioned lower bounds of the exact-GGN Laplace evidence.
 
@@ -92,22 +99,27 @@ class KernelBound:
             i-th in iteration order. The rows Λ_n^½ J_n, N·C·P numbers, are kept.
         partitions: index blocks partitioning [0, N) (e.g. :func:`~marglik.evidence.bounds.
             class_partitions`); default one block of all the data.
+        rows: instead of ``data``, the rows (N, C, P) of
+            :func:`~marglik.evidence.bounds.rows.function_space_rows` for ``la`` (computed
+            once, shared by several bounds).
         outputs: partition the outputs too (one block per data block and output; Λ^½ is the
             symmetric root, :mod:`~marglik.evidence.bounds.rows`).
         parameters: ``None`` (full GGN), ``"tensors"``, ``"layers"``, ``"prior"`` (the
             prior's groups), ``"diag"`` or lists of tensor names
             (:func:`~marglik.evidence.bounds.rows.parameter_blocks`).
 
-    The spectrum of every block is computed once (thin SVD of its rows, O(r·p·min(r, p))), so
+    The spectrum of every block is computed once (eigenvalues of its smaller Gram matrix,
+    O(r·p·min(r, p)) for forming it and O(min(r, p)³) for ``eigvalsh``), so
     the bound at a δ that is one value per parameter block (scalar, per prior group for blocks
     inside a group, any δ for ``"diag"``) costs O(B·C·G·k) operations; other δ go through a
     Cholesky factorisation per block. Differentiable in ``prior_precision`` and
     ``sigma_noise``; nothing is stored on ``la``.
     """
 
-    def __init__(self, la: Laplace, data: Iterable, partitions: Sequence[Tensor] | None = None,
-                 outputs: bool = False,
-                 parameters: str | Sequence[Sequence[str]] | None = None):
+    def __init__(self, la: Laplace, data: Iterable | None,
+                 partitions: Sequence[Tensor] | None = None, outputs: bool = False,
+                 parameters: str | Sequence[Sequence[str]] | None = None,
+                 rows: Tensor | None = None):
         la.require_fit()
         if getattr(la, "tangent", None) is not None:
             raise ValueError("the posterior is of a tangent model (method='tangent'): the "
@@ -119,7 +131,12 @@ class KernelBound:
             raise TypeError(f"outputs must be True or False, got {outputs!r}")
         self.la = la
         self.blocks, self.groups = parameter_blocks(la, parameters)
-        self.rows = function_space_rows(la, data)  # (N, C, P)
+        if (data is None) == (rows is None):
+            raise ValueError("give either data or rows (from function_space_rows), not both")
+        self.rows = function_space_rows(la, data) if rows is None else rows.detach()
+        if self.rows.ndim != 3 or self.rows.shape[-1] != la.n_params:
+            raise ValueError(f"rows must have shape (N, C, {la.n_params}), got "
+                             f"{tuple(self.rows.shape)}")
         if len(self.rows) != la.n_data:
             raise ValueError(f"data holds {len(self.rows)} points, the posterior was fitted on "
                              f"{la.n_data}: give the same data")
@@ -166,8 +183,7 @@ class KernelBound:
             return self._assemble(per, (self.rows.shape[-1], 1), lambda v: v.unsqueeze(-1))
         columns = []
         for cols in self.blocks:
-            columns.append([(where, torch.linalg.svdvals(R).square())
-                            for where, R in self._cells(parts, cols)])
+            columns.append([(where, gram_eigenvalues(R)) for where, R in self._cells(parts, cols)])
         k = max(v.shape[-1] for per in columns for _, v in per)
         G = len(self.blocks)
         out = None
