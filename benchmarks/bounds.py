@@ -142,10 +142,10 @@ def report(path: str, plot: str | None) -> None:
                     sel = sorted((r for r in bounds if r["structure"] == structure
                                   and r["single_output"] == single and r["order"] == order),
                                  key=lambda r: r["M"])
+                    sel = [r for r in sel if r["slack_at_exact_best"] > 1e-6]  # M = N: exact
                     if sel:
-                        ax.plot([r["M"] for r in sel],
-                                [max(r["slack_at_exact_best"], 1e-3) for r in sel], style,
-                                color=colors[structure], label=f"{structure}, {order}")
+                        ax.plot([r["M"] for r in sel], [r["slack_at_exact_best"] for r in sel],
+                                style, color=colors[structure], label=f"{structure}, {order}")
             ax.set(xscale="log", yscale="log", xlabel="block size M",
                    ylabel="exact − bound (nats) at the exact best δ",
                    title="single output per block" if single else "all outputs")
