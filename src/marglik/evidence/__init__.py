@@ -8,13 +8,19 @@
 
 Other evidence estimates plug in here as functions of a
 :class:`~marglik.posterior.base.Posterior`: :mod:`~marglik.evidence.bounds` holds the
-data-partitioned lower bound and its stochastic estimate (Immer et al., ICML 2023); the
+data-, output- and parameter-partitioned lower bounds and their stochastic estimates (Immer et
+al., ICML 2023); the
 function-space form of the evidence itself is the ``"kernel"`` structure.
 """
 
-from marglik.evidence.bounds import PartitionedEvidence
+from marglik.evidence.bounds import (
+    KernelBound,
+    PartitionedEvidence,
+    class_partitions,
+    random_partitions,
+)
 from marglik.evidence.laplace import laplace_log_evidence
 from marglik.evidence.optimize import HyperparameterStep, optimize_hyperparameters
 
-__all__ = ["HyperparameterStep", "PartitionedEvidence", "laplace_log_evidence",
-           "optimize_hyperparameters"]
+__all__ = ["HyperparameterStep", "KernelBound", "PartitionedEvidence", "class_partitions",
+           "laplace_log_evidence", "optimize_hyperparameters", "random_partitions"]
