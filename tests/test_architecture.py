@@ -108,6 +108,9 @@ def test_the_cycle_finder_finds_a_cycle():
 @pytest.mark.parametrize(
     ("lower", "upper"),
     [
+        ("marglik.layers", "marglik.likelihoods"),
+        ("marglik.layers", "marglik.curvature"),
+        ("marglik.layers", "marglik.training"),
         ("marglik.likelihoods", "marglik.curvature"),
         ("marglik.curvature", "marglik.posterior"),
         ("marglik.structures", "marglik.posterior"),
@@ -119,7 +122,8 @@ def test_the_cycle_finder_finds_a_cycle():
     ],
 )
 def test_lower_layers_do_not_import_higher_ones(lower, upper):
-    """The pipeline: likelihoods → curvature → structures → posterior → predictive / evidence
+    """The pipeline: layers (models' building blocks, torch and marglik.nets only) → likelihoods
+    → curvature → structures → posterior → predictive / evidence
     → training → applications → CLI. Posteriors may call the predictive and the evidence
     optimiser (they are written against the interface and never import a posterior)."""
     edges = graph()
@@ -129,6 +133,19 @@ def test_lower_layers_do_not_import_higher_ones(lower, upper):
         if name == lower or name.startswith(lower + ".")
         for dep in deps
         if dep == upper or dep.startswith(upper + ".")
+    )
+    assert not offenders
+
+
+def test_layers_import_only_torch_and_nets():
+    """The layers package sits at the bottom: nothing of marglik but itself and marglik.nets."""
+    edges = graph()
+    offenders = sorted(
+        f"{name} -> {dep}"
+        for name, deps in edges.items()
+        if name == "marglik.layers" or name.startswith("marglik.layers.")
+        for dep in deps
+        if not (dep == "marglik.nets" or dep.startswith("marglik.layers"))
     )
     assert not offenders
 

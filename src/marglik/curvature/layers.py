@@ -33,6 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marglik.curvature.copies import (
+    group_grads,
+    group_input_sums,
+    group_inputs,
+    module_copies,
+    scale_expand,
+)
 from marglik.curvature.kfac import input_statistics, kfac_factors
 from marglik.curvature.registry import LINEAR, CompositeType, LayerType, layer_type
 from marglik.curvature.subsets import ParameterSubset
@@ -62,6 +69,9 @@ class LayerRecord:
     #: 1 for a Linear that sees sequence-first inputs (L, N, D_in) (e.g. inside a
     #: ``batch_first=False`` transformer layer); set by :func:`inconsistent_layers`
     batch_dim: int = 0
+    #: S > 1 inside a module averaging S copies of each input whose layer sees N·S rows
+    #: (:mod:`marglik.curvature.copies`); reset to 1 by :func:`inconsistent_layers` if not
+    copies: int = 1
     #: lazily recorded calls (:class:`FitRecorder`): the forward arguments and their tensors'
     #: versions (``inputs`` is then empty; a is formed when used, one layer at a time)
     args: list[tuple] = field(default_factory=list)
@@ -80,7 +90,7 @@ class LayerRecord:
         """The same layer with nothing recorded (for a recording of its own)."""
         return LayerRecord(self.name, self.module, self.weight, self.bias, self.kind,
                            part=self.part, composite=self.composite, d_out=self.d_out,
-                           batch_dim=self.batch_dim)
+                           batch_dim=self.batch_dim, copies=self.copies)
 
     @property
     def silent(self) -> bool:
@@ -107,10 +117,12 @@ class LayerRecord:
         fast = self.kind.input_sums if self.args and self.batch_dim == 0 else None
         if fast is not None:
             self._check_unchanged()
-            stats = [fast(self.module, args, approx) for args in self.args]
+            stats = [group_input_sums(fast(self.module, args, approx), approx, self.copies)
+                     for args in self.args]
         else:
             stats = [input_statistics(a, approx) for a in self.call_inputs()]
-        return kfac_factors(stats, bs, approx)
+        A, G, count = kfac_factors(stats, bs, approx)
+        return A, scale_expand(G, approx, self.copies), count
 
     def call_inputs(self) -> list[Tensor]:
         """a (N, R_c, D_in) per recorded call (formed now if the recording was lazy)."""
@@ -121,7 +133,7 @@ class LayerRecord:
             inputs = self.inputs
         if self.batch_dim == 1:  # (L, N, D_in) recorded as (L, R = N, D_in)
             inputs = [a.transpose(0, 1) for a in inputs]
-        return inputs
+        return [group_inputs(a, self.copies) for a in inputs]
 
     def call_grads(self, grads: Iterator[Tensor]) -> list[Tensor]:
         """b (K, N, R_c, D_out) per recorded call, from the next ``len(self.outputs)`` entries of
@@ -137,6 +149,7 @@ class LayerRecord:
             b = self.kind.output_grads(self.module, next(grads))
             if self.batch_dim == 1:
                 b = b.transpose(1, 2)
+            b = group_grads(b, self.copies)
             rows = self.rows[i] if i < len(self.rows) else None
             if rows is not None:
                 b = F.pad(b, (rows[0], self.d_out - rows[1]))
@@ -229,6 +242,9 @@ def layer_map(model: nn.Module, subset: ParameterSubset) -> LayerMap:
             bias if bias in chosen else None,
             kind,
         ))
+    copies = module_copies(model)
+    for rec in records:
+        rec.copies = copies[id(rec.module)]
     return LayerMap(records, owner)
 
 

@@ -46,8 +46,9 @@ def inconsistent_layers(f: Tensor, layers: list[LayerRecord], model: nn.Module
     - the weight or bias is also used outside the module's forward (tied, or shared through a
       functional call): for one fixed output column u·f(x_0), the gradient that flows through
       the recorded outputs differs from autograd's total gradient;
-    - where the layout is ambiguous (a recorded output (N, N, ...)), the recorded per-sample
-      gradient Σ_r b_{0,r} a_{0,r}ᵀ of x_0 differs from autograd's.
+    - where the layout is ambiguous (a recorded output (N, N, ...)), or the layer sees the
+      N·S copies of a copy-averaging module (:mod:`marglik.curvature.copies`), the recorded
+      per-sample gradient Σ_r b_{0,r} a_{0,r}ᵀ of x_0 differs from autograd's.
 
     A Linear whose recorded outputs are all (L, N, D_out) (sequence first: unambiguous if
     L ≠ N, else decided by the per-sample check) gets ``batch_dim = 1`` instead, and keeps its
@@ -60,10 +61,12 @@ def inconsistent_layers(f: Tensor, layers: list[LayerRecord], model: nn.Module
         return rec.kind is LINEAR and all(o.dim() == 3 and o.shape[1] == N for o in rec.outputs)
 
     for rec in layers:
-        if any(o.shape[0] != N for o in rec.outputs) and sequence_first(rec):
-            rec.batch_dim = 1
+        if rec.copies > 1 and all(o.shape[0] == N for o in rec.outputs):
+            rec.copies = 1  # inside a copy-averaging module, but run on the inputs themselves
+        if any(o.shape[0] != N * rec.copies for o in rec.outputs) and sequence_first(rec):
+            rec.batch_dim, rec.copies = 1, 1
     bad = [rec for rec in layers
-           if any(o.shape[rec.batch_dim] != N for o in rec.outputs)]
+           if any(o.shape[rec.batch_dim] != N * rec.copies for o in rec.outputs)]
     layers = [rec for rec in layers if rec not in bad]
     names = [n for rec in layers for n in (rec.weight, rec.bias) if n]
     params = {n: model.get_parameter(n) for n in names}
@@ -98,7 +101,7 @@ def inconsistent_layers(f: Tensor, layers: list[LayerRecord], model: nn.Module
                for n, g in zip(mine, inner)):
             bad.append(rec)
             continue
-        if any(o.dim() >= 3 and o.shape[1] == N for o in rec.outputs):
+        if rec.copies > 1 or any(o.dim() >= 3 and o.shape[1] == N for o in rec.outputs):
             if _per_sample_matches(rec, g_rec, total, differs):
                 continue
             if rec.batch_dim == 0 and sequence_first(rec):  # (N, N, D): try sequence first

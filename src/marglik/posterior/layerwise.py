@@ -251,9 +251,9 @@ def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
                 fallback += inconsistent_layers(f, [r for r in layers if not r.silent], la.model)
         if first:
             plan.fallback = {rec.name for rec in fallback}
-            layouts = {rec.name: rec.batch_dim for rec in layers}
-            for rec in plan.layers:  # sequence-first Linears, for the later chunks
-                rec.batch_dim = layouts.get(rec.name, rec.batch_dim)
+            layouts = {rec.name: (rec.batch_dim, rec.copies) for rec in layers}
+            for rec in plan.layers:  # sequence-first Linears, copies: for the later chunks
+                rec.batch_dim, rec.copies = layouts.get(rec.name, (rec.batch_dim, rec.copies))
             if fallback:
                 warnings.warn(silent_message(fallback), stacklevel=2)
         fallback_names = {rec.name for rec in fallback} | plan.fallback
