@@ -4,6 +4,7 @@
         [--nets cnn mlp] [--methods none fixed augerino lila] [--S 8] [--epochs 20]
         [--seed 0] [--out benchmarks/invariance-results.jsonl]
     python benchmarks/invariance.py --report benchmarks/invariance-results.jsonl
+        [--plot benchmarks/figures/invariance_eta.png]
 
 Data (``marglik.data.mnist.load_mnist()``): the first N images of a seeded permutation of the
 training split and the first ``--n-test`` test images, each transformed once with its own
@@ -170,6 +171,43 @@ def commit() -> str:
         return "unknown"
 
 
+def report(path: str, plot: str | None) -> None:
+    """Markdown tables (accuracy, NLL, learned extents, cost) and the η-over-training plot."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    print("| data | N | net | method | S | test acc | test NLL | rotate | translate x / y | "
+          "scale x / y | shear | θ s/epoch | evidence s/epoch |")
+    print("|" + "---|" * 13)
+    for r in rows:
+        e = r["eta"]
+
+        def get(k, e=e):
+            return f"{e[k]:.2f}" if k in e else "–"
+        print(f"| {r['dataset']} | {r['n_train']} | {r['net']} | {r['method']} | {r['S']} | "
+              f"{r['test_acc']:.4f} | {r['test_nll']:.3f} | {get('rotate')} | "
+              f"{get('translate_x')} / {get('translate_y')} | {get('scale_x')} / "
+              f"{get('scale_y')} | {get('shear')} | {r['epoch_seconds']:.2f} | "
+              f"{r['hyper_seconds']:.2f} |")
+    lila = [r for r in rows if r["method"] == "lila"]
+    if plot is None or not lila:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(lila), figsize=(3.2 * len(lila), 3.0), sharey=True,
+                             squeeze=False)
+    for ax, r in zip(axes[0], lila):
+        for name in GENERATOR_NAMES:
+            ax.plot([e[name] for e in r["eta_per_epoch"]], label=name)
+        ax.axhline(math.pi, color="grey", lw=0.5, ls="--")
+        ax.set_title(f"{r['dataset']}, {r['n_train']}, {r['net']}", fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0][0].set_ylabel("learned extent |η|")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=100)
+    print(f"wrote {plot}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", default=["mnist", "rotated", "translated"])
@@ -185,12 +223,12 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
-    p.add_argument("--report", default=None, help="make the tables and plots from a results file")
+    p.add_argument("--report", default=None, help="print the tables of a results file")
+    p.add_argument("--plot", default=None, help="with --report: the η plot (png)")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.report:
-        from benchmarks.invariance_report import report
-        report(args.report)
+        report(args.report, args.plot)
         return
     for dataset in args.datasets:
         for n in args.sizes:
