@@ -20,7 +20,8 @@ the data (no graph) and a differentiable fit of some batches B (n_B of the N poi
 
   with sg the stop-gradient: its value is the full-data evidence and its h-gradient is
   ⟨∂ log Z/∂F, w ⊙ ∂F_B/∂h⟩ — one autograd pass through the batches' graph.
-- ``"jvp"`` (the paper's Jacobian-vector product): the same gradient, accumulated batch by batch.
+- ``"jvp"`` (the authors' ``jvecprod``: ∂ log Z/∂F contracted with the batch factors' Jacobian
+  in h): the same gradient, accumulated batch by batch.
   ∂ log Z/∂F is taken once, at the full-data values; for a Kronecker block it is the derivative of
   Σ_ij log(s μ_i λ_j + δ) through the eigenbases of the factors,
 
@@ -36,8 +37,8 @@ factors held at their full-data values: the gradient of the linearisation of log
 them). Over B drawn uniformly (a fixed number of points) the estimate is unbiased; when B is the
 whole data set it is the exact gradient (that of ``"refit"``); for the same B the two agree. The
 weights assume KFAC's A counts the same number of positions per input in every batch (images of
-one size). A step of h moves F away from the fit: :func:`~marglik.training.online.
-marglik_training` takes one step of h per evidence update, then refits.
+one size). A step of h moves F away from the fit, so :func:`~marglik.training.online.
+marglik_training` takes one step of h per evidence update (the next update refits).
 """
 
 from __future__ import annotations
