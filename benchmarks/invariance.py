@@ -193,16 +193,21 @@ def report(path: str, plot: str | None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(lila), figsize=(3.2 * len(lila), 3.0), sharey=True,
+    cols = min(4, len(lila))
+    rows_ = -(-len(lila) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 2.8 * rows_), sharey=True,
                              squeeze=False)
-    for ax, r in zip(axes[0], lila):
+    for ax in axes.flat[len(lila):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, lila):
         for name in GENERATOR_NAMES:
             ax.plot([e[name] for e in r["eta_per_epoch"]], label=name)
         ax.axhline(math.pi, color="grey", lw=0.5, ls="--")
         ax.set_title(f"{r['dataset']}, {r['n_train']}, {r['net']}", fontsize=9)
         ax.set_xlabel("epoch")
-    axes[0][0].set_ylabel("learned extent |η|")
-    axes[0][-1].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("learned extent |η|")
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(plot, dpi=100)
     print(f"wrote {plot}")
