@@ -35,19 +35,23 @@ class HyperparameterStep:
         log_prior: starting log δ (any shape the posterior accepts); becomes a leaf.
         log_sigma: starting log σ (0-d) or None.
         extra: registered hyperparameters h (leaf tensors requiring grad), or none.
-        lr: Adam learning rate for all of them.
+        lr: Adam learning rate of log δ and log σ.
+        extra_lr: Adam learning rate of h (default ``lr``). h has an optimizer of its own,
+            :attr:`extra_optimizer`, so that a scheduler can act on h alone.
     """
 
     def __init__(self, log_prior: Tensor, log_sigma: Tensor | None = None,
-                 extra: Sequence[Tensor] = (), lr: float = 0.1):
+                 extra: Sequence[Tensor] = (), lr: float = 0.1, extra_lr: float | None = None):
         self.log_prior = log_prior.detach().clone().requires_grad_(True)
         self.log_sigma = (
             None if log_sigma is None else log_sigma.detach().clone().requires_grad_(True)
         )
         self.extra = list(extra)
         self.optimizer = torch.optim.Adam(self.logs, lr=lr)
-        if self.extra:
-            self.optimizer.add_param_group({"params": self.extra})
+        self.extra_optimizer = (
+            torch.optim.Adam(self.extra, lr=lr if extra_lr is None else extra_lr)
+            if self.extra else None
+        )
 
     @property
     def logs(self) -> list[Tensor]:
@@ -64,8 +68,11 @@ class HyperparameterStep:
         """Current σ (detached) or None."""
         return None if self.log_sigma is None else self.log_sigma.detach().exp()
 
-    def step(self, objective: Objective) -> float:
+    def step(self, objective: Objective, extra: bool = True) -> float:
         """One Adam step on −objective(exp(log δ), exp(log σ)); returns the objective's value.
+
+        With ``extra=False`` only log δ and log σ step (h is held, e.g. while its gradient is
+        estimated separately and applied by :meth:`step_extra`).
 
         Raises:
             ValueError: a registered hyperparameter does not affect the objective.
@@ -73,19 +80,39 @@ class HyperparameterStep:
         self.optimizer.zero_grad()
         sigma = None if self.log_sigma is None else self.log_sigma.exp()
         value = objective(self.log_prior.exp(), sigma)
-        params = [*self.logs, *self.extra]
-        grads = torch.autograd.grad(-value, params, allow_unused=True)
-        unused = [i for i, g in enumerate(grads[len(self.logs):]) if g is None]
-        if unused:
-            raise ValueError(
-                f"hyperparameters{unused} do not affect the evidence: they must enter the "
-                "model's forward pass in eval mode (the curvature is fitted in eval mode) or "
-                "the likelihood"
-            )
-        for p, g in zip(params, grads):
-            p.grad = torch.zeros_like(p) if g is None else g
+        params = [*self.logs, *(self.extra if extra else [])]
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        extra_grads = grads[len(self.logs):]
+        _check_used(extra_grads)
+        for p, g in zip(self.logs, grads):
+            p.grad = torch.zeros_like(p) if g is None else -g
         self.optimizer.step()
+        if extra_grads:
+            self.step_extra(extra_grads)
         return value.item()
+
+    def step_extra(self, gradients: Sequence[Tensor | None]) -> None:
+        """One Adam step of h up the given evidence gradients ∂ log Z / ∂h (one per tensor).
+
+        Raises:
+            ValueError: a gradient is None (that hyperparameter does not affect the evidence).
+        """
+        _check_used(gradients)
+        self.extra_optimizer.zero_grad()
+        for p, g in zip(self.extra, gradients, strict=True):
+            p.grad = -g.detach().to(p)
+        self.extra_optimizer.step()
+
+
+def _check_used(gradients: Sequence[Tensor | None]) -> None:
+    """Every registered hyperparameter must have a gradient."""
+    unused = [i for i, g in enumerate(gradients) if g is None]
+    if unused:
+        raise ValueError(
+            f"hyperparameters{unused} do not affect the evidence: they must enter the "
+            "model's forward pass in eval mode (the curvature is fitted in eval mode) or "
+            "the likelihood"
+        )
 
 
 def optimize_hyperparameters(

@@ -33,6 +33,8 @@ from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, split_batch, to_mo
 from marglik.evidence.optimize import HyperparameterStep
 from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
 from marglik.posterior import Laplace
+from marglik.training import checkpoint as saved_state
+from marglik.training.hypergradients import check_hyper_options, estimate_hyper_gradient
 from marglik.training.hyperparameters import (
     EVIDENCES,
     FirstBatches,
@@ -79,6 +81,10 @@ def marglik_training(
     fix_sigma_noise: bool = False,
     progress_bar: bool = False,
     returns: str = "history",
+    hyper_gradient: str = "refit",
+    lr_hyperparameters: float | None = None,
+    hyper_scheduler_cls: type | None = None,
+    hyper_scheduler_kwargs: dict[str, Any] | None = None,
 ) -> (tuple[Laplace, nn.Module, dict[str, list]]
       | tuple[Laplace, nn.Module, list[float], list[float]]):
     """Train ``model`` and its hyperparameters jointly by the Laplace evidence.
@@ -124,8 +130,21 @@ def marglik_training(
             joint evidence optimum.
         hyper_batches: with ``hyperparameters``, fit the differentiable curvature on only the
             first ``hyper_batches`` batches of a fresh pass over ``train_loader`` (different
-            batches per step for a shuffling loader). The n of N samples stand for the data
-            set: curvature and data fit are scaled by N/n, a cheaper, noisier evidence.
+            batches per step for a shuffling loader). ``"refit"``: the n of N samples stand for
+            the data set: curvature and data fit are scaled by N/n, a cheaper, noisier (biased)
+            evidence. ``"minibatch"`` (default 1 batch) and ``"jvp"`` (default all): the
+            batches of the unbiased gradient estimate.
+        hyper_gradient: how h's gradient is found (:mod:`marglik.training.hypergradients`,
+            LILA, NeurIPS 2022): ``"refit"`` (above: every step refits with a graph, h steps
+            with δ and σ); ``"minibatch"`` or ``"jvp"``: per evidence update one plain fit of
+            all the data, ``n_hypersteps`` steps of δ, σ on it, then one step of h by the
+            gradient at the full-data factors through the hyper batches' differentiable
+            factors (``"minibatch"``: fitted together; ``"jvp"``: one at a time, so memory of
+            one batch). Exact over all the data, unbiased over fewer. The epoch's evidence and
+            best state are then those of the fit, with h before its step.
+        lr_hyperparameters, hyper_scheduler_cls, hyper_scheduler_kwargs: h's own Adam learning
+            rate (default ``lr_hyp``) and scheduler ``hyper_scheduler_cls(optimizer,
+            **kwargs)``, stepped once per evidence update (e.g. ``CosineAnnealingLR``).
         evidence: what the hyperparameters maximise (:mod:`marglik.training.hyperparameters`).
             ``"laplace"``: the Laplace evidence over all the training data, refitted every
             evidence epoch. ``"bound"``: the stochastic data-partitioned lower bound (Immer et
@@ -207,6 +226,7 @@ def marglik_training(
         laplace_kwargs["temperature"] = temperature
     temperature = float(laplace_kwargs.get("temperature", 1.0))
     extra = check_hyperparameters(hyperparameters, model)
+    check_hyper_options(hyper_gradient, len(extra), lr_hyperparameters, hyper_scheduler_cls, bound)
     subset: dict[str, Any] = {"subset_of_weights": "all"}
     if extra:
         if hessian_structure not in ("full", "kron", "diag"):
@@ -240,6 +260,8 @@ def marglik_training(
     refit_loader = (
         train_loader if hyper_batches is None else FirstBatches(train_loader, hyper_batches)
     )
+    if hyper_gradient == "minibatch" and hyper_batches is None:
+        refit_loader = FirstBatches(train_loader, 1)
     if bound_loader is not None and not bound:
         raise ValueError("bound_loader applies only with evidence='bound'")
     bound_loader = train_loader if bound_loader is None else bound_loader
@@ -264,7 +286,10 @@ def marglik_training(
         torch.tensor(math.log(sigma_noise_init), dtype=dtype) if tune_sigma else None,
         extra,
         lr=lr_hyp,
+        extra_lr=lr_hyperparameters,
     )
+    hyper_scheduler = None if hyper_scheduler_cls is None else hyper_scheduler_cls(
+        hyper.extra_optimizer, **(hyper_scheduler_kwargs or {}))
     log_prior, log_sigma = hyper.log_prior, hyper.log_sigma
     extra_ids = {id(h) for h in extra}
     optimizer, scheduler = make_optimizer(
@@ -286,34 +311,10 @@ def marglik_training(
     loader_rng = getattr(train_loader, "generator", None)  # a DataLoader's own shuffling RNG
     bound_rng = None if bound_loader is train_loader else getattr(bound_loader, "generator", None)
 
+    run = saved_state.TrainingState(model, optimizer, scheduler, hyper, hyper_scheduler,
+                                    loader_rng, bound_rng)
     if checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=True)
-        saved = state.get("hyperparameters") or []
-        if len(saved) != len(extra):
-            raise ValueError(
-                f"the checkpoint holds {len(saved)} hyperparameters, this run registers "
-                f"{len(extra)}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        hyper.optimizer.load_state_dict(state["hyper_optimizer"])
-        with torch.no_grad():
-            log_prior.copy_(state["log_prior"])
-            if log_sigma is not None:
-                log_sigma.copy_(state["log_sigma"])
-            for h, value in zip(extra, saved):
-                h.copy_(value)
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        history, best, start = state["history"], state["best"], state["epoch"] + 1
-        history.setdefault("neg_log_marglik", [])
-        history.setdefault("hyper_seconds", [])
-        torch.set_rng_state(state["rng"])
-        if loader_rng is not None:
-            loader_rng.set_state(state["loader_rng"])
-        if bound_rng is not None:
-            bound_rng.set_state(state["bound_rng"])
-
+        history, best, start = saved_state.restore(checkpoint, run)
 
     def batch_bound(batch: Any) -> Callable[[Tensor, Tensor | None], Tensor]:
         """The bound's estimate on ``batch`` as a function of (δ, σ), fitted at the current θ
@@ -352,7 +353,7 @@ def marglik_training(
             total, batches = total + loss.item(), batches + 1
         history["loss"].append(total / batches)
 
-        log_marglik = math.nan
+        log_marglik, fitted_at = math.nan, None
         tic = time.perf_counter()
         if epoch >= n_epochs_burnin and (epoch - n_epochs_burnin) % marglik_frequency == 0:
             delta = log_prior.detach().exp()
@@ -367,6 +368,15 @@ def marglik_training(
                     else:
                         estimates.append(objective(delta, sigma).item())
                 log_marglik = sum(estimates) / len(estimates)
+            elif extra and hyper_gradient != "refit":  # one plain fit, then one step of h
+                la = new_laplace(delta, sigma).fit(train_loader)
+                for _ in range(n_hypersteps):
+                    history["neg_log_marglik"].append(
+                        -hyper.step(la.log_marginal_likelihood, extra=False))
+                fitted_at = [h.detach().clone() for h in extra]
+                hyper.step_extra(estimate_hyper_gradient(
+                    hyper_gradient, la, lambda d=delta, s=sigma: new_laplace(d, s),
+                    refit_loader, n_data, hyper.prior_precision, hyper.sigma_noise, extra))
             elif extra:  # the curvature depends on h: refit it differentiably per step
                 def objective(d: Tensor, s: Tensor | None, delta=delta, sigma=sigma) -> Tensor:
                     refit = new_laplace(delta, sigma)
@@ -379,6 +389,8 @@ def marglik_training(
                 la = new_laplace(delta, sigma).fit(train_loader)
                 for _ in range(n_hypersteps):
                     history["neg_log_marglik"].append(-hyper.step(la.log_marginal_likelihood))
+            if hyper_scheduler is not None:
+                hyper_scheduler.step()
             if not bound:
                 s = log_sigma.detach().exp() if log_sigma is not None else None
                 log_marglik = la.log_marginal_likelihood(log_prior.detach().exp(), s).item()
@@ -390,7 +402,7 @@ def marglik_training(
                     "log_sigma": None if log_sigma is None else log_sigma.detach().clone(),
                 }
                 if extra:
-                    best["hyperparameters"] = [h.detach().clone() for h in extra]
+                    best["hyperparameters"] = fitted_at or [h.detach().clone() for h in extra]
         history["hyper_seconds"].append(time.perf_counter() - tic)
         history["log_marglik"].append(log_marglik)
         history["prior_precision"].append(log_prior.detach().exp().tolist())
@@ -401,25 +413,7 @@ def marglik_training(
             history["hyperparameters"].append([h.detach().tolist() for h in extra])
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", log_marglik=f"{log_marglik:.1f}")
         if checkpoint is not None:
-            extra_state = {"hyperparameters": [h.detach() for h in extra]} if extra else {}
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "hyper_optimizer": hyper.optimizer.state_dict(),
-                    "log_prior": log_prior.detach(),
-                    "log_sigma": None if log_sigma is None else log_sigma.detach(),
-                    "history": history,
-                    "best": best,
-                    "epoch": epoch,
-                    "rng": torch.get_rng_state(),
-                    "loader_rng": None if loader_rng is None else loader_rng.get_state(),
-                    "bound_rng": None if bound_rng is None else bound_rng.get_state(),
-                    **extra_state,
-                    **({} if scheduler is None else {"scheduler": scheduler.state_dict()}),
-                },
-                checkpoint,
-            )
+            saved_state.save(checkpoint, run, history, best, epoch)
         if callback is not None:
             callback(epoch, model, la, history)
 
