@@ -5,11 +5,11 @@ the B×C×P Jacobian (docs/architecture.md §5); the contraction against each ki
 block is :mod:`marglik.posterior.layerwise_covariance`. This module plans it and records what
 it needs.
 
-For a registered layer (:mod:`marglik.curvature.registry`: Linear, Conv1d/2d, attention
-projections, or any type registered there) applied at R shared positions (tokens, conv patches),
-one forward pass per chunk of inputs records the inputs a_r (D_in, unfolded for convolutions)
-and one vmapped backward pass the gradients g_{c,r} = ∂f_c/∂(layer output at r) (D_out) for
-every output c (:class:`LayerData`). Parameters that belong to no registered layer (norm layers,
+For a registered layer (:mod:`marglik.curvature.registry`: Linear, Conv1d/2d, attention projections,
+or any type registered there) applied at R shared positions (tokens, conv patches), one forward pass
+per chunk of inputs records the inputs a_r (D_in, unfolded for convolutions) and one backward pass
+per output (vmapped off the CPU) the gradients g_{c,r} = ∂f_c/∂(layer output at r) (D_out) for every
+output c (:class:`LayerData`). Parameters that belong to no registered layer (norm layers,
 embeddings) get per-sample Jacobians with ``torch.func`` for those parameters only.
 
 A layer that cannot be recorded (hooks that did not fire, or gradients that do not match
@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from marglik.curvature.backprop import backprop_columns
 from marglik.curvature.batches import Inputs, call_model
-from marglik.curvature.layers import LayerRecord, LayerRecorder, backprop_columns, layer_map
+from marglik.curvature.layers import LayerRecord, LayerRecorder, layer_map
 from marglik.curvature.silent import inconsistent_layers, silent_layers, silent_message
 from marglik.curvature.subsets import ParameterSubset
 from marglik.posterior.jacobians import per_sample_jacobians
@@ -178,9 +179,9 @@ def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Inputs) -> tuple[
 def _column_grads(f: Tensor, outs: list[Tensor], create_graph: bool) -> list[Tensor]:
     """∂f_d/∂out for every flattened output d, per input: list of (D, *out.shape).
 
-    Without a graph: one vmapped backward pass (:func:`~marglik.curvature.layers.backprop_columns`);
-    with ``create_graph`` one backward pass per column (double backward under vmap is not
-    reliable for every op).
+    Without a graph: :func:`~marglik.curvature.backprop.backprop_columns` (one backward pass
+    per column on a CPU, one vmapped pass elsewhere); with ``create_graph`` one backward pass
+    per column (double backward under vmap is not reliable for every op).
     """
     B = f.shape[0]
     flat = f.reshape(B, -1)
