@@ -184,3 +184,82 @@ def test_tiny_resnet_batchnorm_diagonal_is_the_exact_ggn_diagonal(monkeypatch):
             torch.testing.assert_close(diag[start:stop], exact.diagonal()[start:stop],
                                        rtol=1e-10, atol=1e-12)
         start = stop
+
+
+def _fitted_tiny_resnet(structure="kron"):
+    model = tiny_resnet()
+    x = torch.randn(7, 2, 6, 6)
+    y = torch.randint(0, 3, (7,))
+    la = marglik.Laplace(model, "classification", hessian_structure=structure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BatchNorm: diagonal blocks
+        la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
+    la.prior_precision = torch.rand(len(la.subset.names), generator=torch.Generator()
+                                    .manual_seed(1)) + 0.5  # layer-wise δ
+    return la
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_layerwise_predictive_of_a_resnet_equals_brute_force(structure, chunk_size, monkeypatch):
+    """J Σ Jᵀ per input against dense Jacobians and the inverse of the explicit precision; the
+    BatchNorm tensors' Jacobians come from their recorded owners (closed forms), not from
+    whole-model torch.func Jacobians."""
+    import marglik.posterior.layerwise as layerwise
+
+    la = _fitted_tiny_resnet(structure)
+    xt = torch.randn(5, 2, 6, 6)
+    whole_model = []
+    original = layerwise.per_sample_jacobians
+    monkeypatch.setattr(layerwise, "per_sample_jacobians",
+                        lambda m, sub, *a: whole_model.append(sub.names) or original(m, sub, *a))
+    f, cov = la.functional_moments(xt, chunk_size=chunk_size, backend="layerwise")
+    assert not whole_model
+    J = oracle.jacobians(la.model, xt, la.subset.names)
+    Sigma = torch.linalg.inv(la.posterior_precision)
+    torch.testing.assert_close(cov, J @ Sigma @ J.mT, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(f, la.model(xt))
+    probs = la(xt, link_approx="probit", chunk_size=chunk_size)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+
+
+def test_layerwise_predictive_falls_back_for_an_owner_whose_parameter_is_used_elsewhere(
+        monkeypatch):
+    """A parameter used outside its owner's forward: the owner's recording misses that use, the
+    first chunk's check sees it, and the tensor takes whole-model torch.func Jacobians (exact:
+    equal to the generic backend's covariance); the BatchNorm keeps its recorded owner."""
+    import marglik.posterior.layerwise as layerwise
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.tensor([0.7, 1.2, -0.4]))
+
+        def forward(self, h):
+            return h * self.weight[:, None, None]
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.scale = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), Scale()
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, h):
+            h = self.scale(self.bn(self.conv(h))).mean((2, 3))
+            return self.head(h * self.scale.weight)  # used again, outside Scale.forward
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 2, (6,))
+    la = marglik.Laplace(model, "classification", hessian_structure="diag")
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=6))
+    whole_model = []
+    original = layerwise.per_sample_jacobians
+    monkeypatch.setattr(layerwise, "per_sample_jacobians",
+                        lambda m, sub, *a: whole_model.append(sub.names) or original(m, sub, *a))
+    xt = torch.randn(3, 2, 4, 4)
+    _, cov = la.functional_moments(xt, backend="layerwise")
+    assert whole_model == [["scale.weight"]]
+    J = oracle.jacobians(la.model, xt, la.subset.names)
+    Sigma = torch.linalg.inv(la.posterior_precision)
+    torch.testing.assert_close(cov, J @ Sigma @ J.mT, rtol=1e-9, atol=1e-12)

@@ -33,6 +33,13 @@ from torch import Tensor
 from marglik.curvature.backprop import backprop_columns
 from marglik.curvature.batches import Inputs, call_model
 from marglik.curvature.layers import LayerRecord, LayerRecorder, layer_map
+from marglik.curvature.local import (
+    OwnerRecord,
+    OwnerRecorder,
+    inconsistent_owners,
+    owner_outputs,
+    owner_records,
+)
 from marglik.curvature.silent import inconsistent_layers, silent_layers, silent_message
 from marglik.curvature.subsets import ParameterSubset
 from marglik.posterior.jacobians import per_sample_jacobians
@@ -75,6 +82,9 @@ class LayerwisePlan:
     #: layers that cannot be recorded (silent, or mixing samples), found on the first chunk:
     #: their tensors get per-sample Jacobians with torch.func (None: not checked yet)
     fallback: set[str] | None = None
+    #: owner modules of ``others`` whose recording does not give their exact per-sample
+    #: gradients (first chunk): their tensors take the whole-model torch.func path
+    owner_fallback: set[str] = field(default_factory=set)
 
 
 def layerwise_plan(la: Laplace) -> LayerwisePlan | None:
@@ -239,17 +249,32 @@ def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
     parameters requiring grad for that pass) whose recorded gradients do not match autograd,
     gets per-sample Jacobians of its tensors with ``torch.func`` instead (:class:`Fallback`),
     never a zero Jacobian; one warning per plan names such layers.
+
+    The other tensors' Jacobians come, as in the fit (:mod:`marglik.curvature.local`), from
+    their owner modules recorded in the same pass — the column gradients of their outputs and
+    the module's own per-sample vjps, in closed form for normalisation layers
+    (:mod:`marglik.curvature.norms`) — where the first chunk's check confirms that this gives
+    autograd's gradients; otherwise (and with ``create_graph``) from per-sample Jacobians of
+    the whole model with ``torch.func``.
     """
     first = plan.fallback is None
     layers = [rec for rec in _fresh_layers(plan) if first or rec.name not in plan.fallback]
+    owners = [] if create_graph else [
+        o for o in owner_records(la.model, plan.others)
+        if first or o.name not in plan.owner_fallback]
     names = [n for rec in layers for n in (rec.weight, rec.bias) if n] if first else []
+    names += [n for o in owners for n in o.params.values()]  # their outputs need a graph
     dtype = la.H.dtype
     with torch.enable_grad():
-        with _Recorder(layers), _requires_grad(la.model, names):
+        with (_Recorder(layers), OwnerRecorder(owners) as owner_recorder,
+              _requires_grad(la.model, names)):
             f = call_model(la.model, x)
             fallback = silent_layers(layers)
             if first:
                 fallback += inconsistent_layers(f, [r for r in layers if not r.silent], la.model)
+                plan.owner_fallback = {o.name for o in inconsistent_owners(f, owners, la.model)}
+                owner_recorder.remove([o for o in owners if o.name in plan.owner_fallback])
+        owners = [o for o in owners if o.name not in plan.owner_fallback]
         if first:
             plan.fallback = {rec.name for rec in fallback}
             layouts = {rec.name: (rec.batch_dim, rec.copies) for rec in layers}
@@ -261,10 +286,13 @@ def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
         layers = [rec for rec in layers if rec.name not in fallback_names]
         D = f[0].numel()
         outs = [o for rec in layers for o in rec.outputs]
+        n_layer_outs = len(outs)
+        outs += owner_outputs(owners)
         if outs and f.requires_grad:
-            grads = iter(_column_grads(f, outs, create_graph))
+            all_grads = _column_grads(f, outs, create_graph)
         else:
-            grads = iter([torch.zeros(D, *o.shape, dtype=o.dtype, device=o.device) for o in outs])
+            all_grads = [torch.zeros(D, *o.shape, dtype=o.dtype, device=o.device) for o in outs]
+    grads = iter(all_grads[:n_layer_outs])
     data: RecordedData = {}
     for rec in layers:
         a, g = rec.data(grads)
@@ -281,8 +309,24 @@ def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
             data.setdefault(t.layer.name, Fallback({})).J[t.name] = Jt
     J_other = None
     if plan.others is not None:
-        J_other = per_sample_jacobians(la.model, plan.others, x, f.shape[1:], f.dtype,
-                                       create_graph).to(dtype)
+        J_other = _other_jacobians(la, plan, x, f, owners, iter(all_grads[n_layer_outs:]),
+                                   create_graph).to(dtype)
     if not create_graph:
         f = f.detach()
     return f, data, J_other
+
+
+def _other_jacobians(la: Laplace, plan: LayerwisePlan, x: Inputs, f: Tensor,
+                     owners: list[OwnerRecord], grads: Iterator[Tensor], create_graph: bool
+                     ) -> Tensor:
+    """J (N, D, P_other) of the tensors without a registered layer, in ``plan.others`` order:
+    from the recorded owners (column gradients ``grads`` of their outputs), the rest with
+    ``torch.func`` through the whole model."""
+    parts = {name: g.transpose(0, 1) for o in owners for name, g in o.gradients(grads).items()}
+    shapes = dict(zip(plan.others.names, plan.others.shapes))
+    rest = [n for n in plan.others.names if n not in parts]
+    if rest:
+        sub = ParameterSubset(rest, [shapes[n] for n in rest])
+        J = per_sample_jacobians(la.model, sub, x, f.shape[1:], f.dtype, create_graph)
+        parts.update(zip(rest, J.split([int(torch.Size(shapes[n]).numel()) for n in rest], -1)))
+    return torch.cat([parts[n].to(f.dtype) for n in plan.others.names], -1)
