@@ -201,11 +201,18 @@ def _fitted_tiny_resnet(structure="kron"):
 
 @pytest.mark.parametrize("structure", ["kron", "diag"])
 @pytest.mark.parametrize("chunk_size", [None, 2])
-def test_layerwise_predictive_of_a_resnet_equals_brute_force(structure, chunk_size, monkeypatch):
+@pytest.mark.parametrize("block", [None, 40])
+def test_layerwise_predictive_of_a_resnet_equals_brute_force(structure, chunk_size, block,
+                                                              monkeypatch):
     """J Σ Jᵀ per input against dense Jacobians and the inverse of the explicit precision; the
     BatchNorm tensors' Jacobians come from their recorded owners (closed forms), not from
-    whole-model torch.func Jacobians."""
+    whole-model torch.func Jacobians; with ``block`` the conv Jacobians are formed a few weight
+    rows at a time."""
     import marglik.posterior.layerwise as layerwise
+    import marglik.posterior.layerwise_covariance as covariance
+
+    if block is not None:
+        monkeypatch.setattr(covariance, "MAX_JACOBIAN_BLOCK", block)
 
     la = _fitted_tiny_resnet(structure)
     xt = torch.randn(5, 2, 6, 6)

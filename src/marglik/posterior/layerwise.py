@@ -175,8 +175,8 @@ def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Inputs) -> tuple[
         d_out = rec.outputs[0][0].numel() // max(1, rec.inputs[0].shape[1]) if rec.outputs else 0
         d_in = rec.inputs[0].shape[-1] if rec.inputs else 0
         total += 3 * R * (d_in + D * d_out)  # activations, a, g and their rotations
-        if R > 1:
-            total += 3 * D * d_out * d_in  # materialised per-layer Jacobians
+        # (per-layer Jacobians with sharing are formed in blocks of bounded size:
+        # layerwise_covariance.MAX_JACOBIAN_BLOCK, not per input)
     if plan.others is not None:
         total += 3 * D * plan.others.size
     for bs in plan.blocks:  # Dense blocks: J and C⁻¹Jᵀ (D, p) each, or J·Q and aᵀQ (D_out, p)
