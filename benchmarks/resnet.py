@@ -291,6 +291,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
     emit({"kind": "setup", "torch": torch.__version__, "commit": commit.strip(),
+          "marglik": os.path.dirname(marglik.__file__),
           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
           "cores": os.cpu_count(), "load": load(), "args": vars(args)})
     for name in args.models:
