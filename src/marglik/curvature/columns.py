@@ -1,8 +1,8 @@
 """Output-space columns U_k whose backpropagation gives the curvature: Σ_k J_nᵀ U_k,n U_k,nᵀ J_n.
 
-Every column costs one backward pass of the batch through the network (all columns go through
-one vmapped pass, :func:`~marglik.curvature.layers.backprop_columns`), and the Kronecker factor G
-of every layer is a sum over them, so the number of columns K sets the cost of a fit:
+Every column costs one backward pass of the batch through the network
+(:func:`~marglik.curvature.backprop.backprop_columns`), and the Kronecker factor G of every layer
+is a sum over them, so the number of columns K sets the cost of a fit:
 
 - ``"ggn"`` (exact GGN): the columns of a factor V of the output Hessian, Λ = V Vᵀ. Where a
   closed form of smaller rank exists it is used (:data:`LOW_RANK_FACTORS`): the softmax Hessian

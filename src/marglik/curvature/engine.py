@@ -26,16 +26,16 @@ one accumulator
 (:mod:`marglik.curvature.accumulators`) with the same interface: the loop here records the
 layers, backpropagates the accumulator's output columns to them and hands it the batch.
 
-Cost. Every output column is one backward pass of the batch (all of them in one vmapped pass),
-so the exact GGN costs about K = C backward passes against a training step's one — C − 1 for
-the softmax, whose Hessian has rank C − 1 (:mod:`marglik.curvature.columns`); one sampled
-column per input (``"ggn-sampled"``, ``"ggn-mc"``) costs one. Layer inputs are kept as the
-forward arguments and turned into KFAC statistics one layer at a time
-(:class:`~marglik.curvature.layers.FitRecorder`), convolutions without unfolding every patch
-where a cheaper exact identity exists (:mod:`marglik.curvature.conv`). Parameters outside the
-registered layers (BatchNorm, LayerNorm, …) get their per-sample gradients from the same
-backward pass through their own module (:mod:`marglik.curvature.local`) where that is exact
-(checked on the first batch), not from a second pass through the whole model.
+Cost. Every output column is one backward pass of the batch (a loop over columns on a CPU, one
+vmapped pass elsewhere: :mod:`marglik.curvature.backprop`), so the exact GGN costs about K = C
+backward passes against a training step's one — C − 1 for the softmax, whose Hessian has rank C − 1
+(:mod:`marglik.curvature.columns`); one sampled column per input (``"ggn-sampled"``, ``"ggn-mc"``)
+costs one. Layer inputs are kept as the forward arguments and turned into KFAC statistics one layer
+at a time (:class:`~marglik.curvature.layers.FitRecorder`), convolutions without unfolding every
+patch where a cheaper exact identity exists (:mod:`marglik.curvature.conv`). Parameters outside the
+registered layers (BatchNorm, LayerNorm, …) get their per-sample gradients from the same backward
+pass through their own module (:mod:`marglik.curvature.local`) where that is exact (checked on the
+first batch), not from a second pass through the whole model.
 
 With ``create_graph=True`` nothing is detached: the curvature sums and the data-fit statistics
 keep their autograd graph to every tensor the forward pass uses other than the subset's own
@@ -214,6 +214,7 @@ def fit_curvature(
         recorder_type = GraphLayerRecorder
     # owners of the other parameters, recorded so that one backward pass serves them too
     owners = owner_records(model, spec.rest) if accumulator_type.uses_owners(create_graph) else []
+    recorded = None  # the previous batch's column gradients: their buffers are reused
     with (eval_mode(model, trainable), recorder_type(layers) as recorder,
           OwnerRecorder(owners) as owner_recorder):
         data = batches(loader, model, dict_key_x, dict_key_y)
@@ -251,9 +252,9 @@ def fit_curvature(
                 sums.add("stat." + key, value)
             n_data += fd.shape[0]
             U = accumulator.columns(fd, y)
-            # the backward pass to the layers happens here; ``recorded`` (the column gradients)
-            # lives until the next batch replaces it, so their buffers are reused
-            recorded = layer_batches(f, layers, U, create_graph, owners)
+            # the backward pass to the layers happens here, into the previous batch's buffers
+            recorded = layer_batches(f, layers, U, create_graph, owners,
+                                     reuse=None if create_graph else recorded)
             del f  # the rest of the graph is not needed for the per-sample gradients
             accumulator.add_batch(x, fd, y, U, recorded)
     if n_data == 0 or accumulator is None:

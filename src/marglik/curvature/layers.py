@@ -102,8 +102,9 @@ class LayerRecord:
 
         Takes the next ``len(self.outputs)`` entries of ``grads``: the column gradients
         (K, *output.shape) w.r.t. each recorded output, in call order (see
-        :func:`backprop_columns`). Calls are concatenated along the positions R; a call that
-        used only some rows of the weight (``rows``) gets its gradients zero-padded to D_out.
+        :func:`~marglik.curvature.backprop.backprop_columns`). Calls are concatenated along the
+        positions R; a call that used only some rows of the weight (``rows``) gets its
+        gradients zero-padded to D_out.
         """
         bs = self.call_grads(grads)
         return _cat(self.call_inputs(), 1), _cat(bs, 2)
@@ -401,41 +402,3 @@ def _kind(module: nn.Module) -> LayerType:
     if not isinstance(kind, LayerType):
         raise ValueError(f"{type(module).__name__} is not a registered layer type")
     return kind
-
-
-def backprop_columns(
-    f: Tensor, tensors: list[Tensor], U: Tensor, create_graph: bool = False
-) -> list[Tensor]:
-    """Gradients of Σ U_k · f w.r.t. each tensor, for every column k: list of (K, *t.shape).
-
-    All K columns go through one vmapped backward pass (``is_grads_batched``); models with ops
-    that vmap does not support fall back to one backward pass per column. With
-    ``create_graph`` the gradients stay differentiable (in ``U`` too) and every column gets its
-    own backward pass (double backward under vmap is not reliable for every op).
-    """
-    if not create_graph:
-        try:
-            if U.shape[0] == 1:  # one column (EF, one sampled column): no vmap needed
-                grads = torch.autograd.grad(f, tensors, U[0], retain_graph=True,
-                                            allow_unused=True)
-                grads = [None if g is None else g.unsqueeze(0) for g in grads]
-            else:
-                grads = torch.autograd.grad(
-                    f, tensors, U, retain_graph=True, allow_unused=True, is_grads_batched=True
-                )
-            return [
-                torch.zeros(U.shape[0], *t.shape, dtype=t.dtype, device=t.device)
-                if g is None
-                else g
-                for g, t in zip(grads, tensors)
-            ]
-        except RuntimeError:
-            pass
-    columns: list[list[Tensor]] = [[] for _ in tensors]
-    for k in range(U.shape[0]):
-        gk = torch.autograd.grad(
-            f, tensors, U[k], retain_graph=True, create_graph=create_graph, allow_unused=True
-        )
-        for i, (g, t) in enumerate(zip(gk, tensors)):
-            columns[i].append(torch.zeros_like(t) if g is None else g)
-    return [torch.stack(g) for g in columns]

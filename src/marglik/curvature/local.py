@@ -8,7 +8,8 @@ Instead, each such parameter's *owner* (the module holding it directly) is recor
 layer: its forward arguments and its output, whose column gradients b (K, N, *out) the fit's one
 backward pass gives as well. The per-sample gradients are then the owner's own vector-Jacobian
 products, ∂(b_{k,n} · m(x_n))/∂θ_m, vmapped over samples and columns through this module alone
-(``torch.func``) and summed over its calls.
+(``torch.func``) and summed over its calls — or, for normalisation layers, their closed form
+(:mod:`marglik.curvature.norms`).
 
 This is exact when the module computes sample n's output from sample n's inputs only, batch
 first (eval-mode BatchNorm, LayerNorm, GroupNorm, …), and its parameters act only through its
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from marglik.curvature.norms import norm_sample_gradients
 from marglik.curvature.subsets import ParameterSubset
 
 
@@ -65,8 +67,17 @@ class OwnerRecord:
 
     def _add_call(self, params: dict[str, Tensor], args: tuple[Tensor, ...], g: Tensor,
                   total: dict[str, Tensor]) -> None:
-        """Add one call's per-sample gradients (K, N, numel) to ``total``."""
+        """Add one call's per-sample gradients (K, N, numel) to ``total``: in closed form for
+        normalisation layers (:mod:`marglik.curvature.norms`), else by ``torch.func``."""
+        per_call = norm_sample_gradients(self.module, args, g, list(params))
+        if per_call is None:
+            per_call = self._generic(params, args, g)
+        for local, value in per_call.items():
+            total[local] = total[local] + value if local in total else value
 
+    def _generic(self, params: dict[str, Tensor], args: tuple[Tensor, ...], g: Tensor
+                 ) -> dict[str, Tensor]:
+        """The module's own vjp per sample and column, vmapped: local name -> (K, N, numel)."""
 
         def sample(args_n: tuple[Tensor, ...], g_n: Tensor) -> dict[str, Tensor]:
             def f(p: dict[str, Tensor]) -> Tensor:
@@ -76,9 +87,8 @@ class OwnerRecord:
             return vmap(lambda u: vjp_fn(u)[0])(g_n)
 
         per_call = vmap(sample)(args, g.transpose(0, 1))  # (N, K, *shape) per parameter
-        for local, value in per_call.items():
-            value = value.transpose(0, 1).reshape(*g.shape[:2], -1)
-            total[local] = total[local] + value if local in total else value
+        return {local: value.transpose(0, 1).reshape(*g.shape[:2], -1)
+                for local, value in per_call.items()}
 
 
 def owner_records(model: nn.Module, rest: ParameterSubset | None) -> list[OwnerRecord]:

@@ -1,7 +1,7 @@
 """One batch's recorded layers after the backward pass of the output columns.
 
 :func:`layer_batches` backpropagates the columns U to every recorded layer output in one pass
-(:func:`~marglik.curvature.layers.backprop_columns`); the :class:`LayerBatches` it returns forms
+(:func:`~marglik.curvature.backprop.backprop_columns`); the :class:`LayerBatches` it returns forms
 each layer's statistics only when asked, one layer at a time: (a, b) for the diagonal and full
 structures, the KFAC sums for ``"kron"`` (:meth:`~marglik.curvature.layers.LayerRecord.kfac`).
 """
@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from marglik.curvature.layers import LayerRecord, backprop_columns
+from marglik.curvature.backprop import backprop_columns
+from marglik.curvature.layers import LayerRecord
 from marglik.curvature.local import OwnerRecord, owner_outputs
 
 
@@ -54,17 +55,20 @@ def layer_batches(
     U: Tensor | None,
     create_graph: bool = False,
     owners: list[OwnerRecord] | None = None,
+    reuse: LayerBatches | None = None,
 ) -> LayerBatches:
     """Backpropagate the output columns U (K, N, *S, C) of f to every recorded layer output
     (and to the outputs of the recorded owners of other parameters, ``owners``).
 
     All columns go through one backward pass (:func:`backprop_columns`); the per-layer tensors
     come lazily from iterating the result, so the caller may drop ``f`` (and its graph) first.
-    Without layers and owners (or columns) nothing is backpropagated.
+    Without layers and owners (or columns) nothing is backpropagated. ``reuse``: the previous
+    batch's result, done with: its buffers take this batch's gradients where shapes match.
     """
     owners = owners or []
     if not (layers or owners) or U is None:
         return LayerBatches([], [])
     outs = [o for rec in layers for o in rec.outputs]
-    grads = backprop_columns(f, outs + owner_outputs(owners), U, create_graph)
+    spare = [*reuse.grads, *reuse.owner_grads] if reuse is not None else None
+    grads = backprop_columns(f, outs + owner_outputs(owners), U, create_graph, out=spare)
     return LayerBatches(layers, grads[: len(outs)], owners, grads[len(outs):])

@@ -5,11 +5,11 @@ the B×C×P Jacobian (docs/architecture.md §5); the contraction against each ki
 block is :mod:`marglik.posterior.layerwise_covariance`. This module plans it and records what
 it needs.
 
-For a registered layer (:mod:`marglik.curvature.registry`: Linear, Conv1d/2d, attention
-projections, or any type registered there) applied at R shared positions (tokens, conv patches),
-one forward pass per chunk of inputs records the inputs a_r (D_in, unfolded for convolutions)
-and one vmapped backward pass the gradients g_{c,r} = ∂f_c/∂(layer output at r) (D_out) for
-every output c (:class:`LayerData`). Parameters that belong to no registered layer (norm layers,
+For a registered layer (:mod:`marglik.curvature.registry`: Linear, Conv1d/2d, attention projections,
+or any type registered there) applied at R shared positions (tokens, conv patches), one forward pass
+per chunk of inputs records the inputs a_r (D_in, unfolded for convolutions) and one backward pass
+per output (vmapped off the CPU) the gradients g_{c,r} = ∂f_c/∂(layer output at r) (D_out) for every
+output c (:class:`LayerData`). Parameters that belong to no registered layer (norm layers,
 embeddings) get per-sample Jacobians with ``torch.func`` for those parameters only.
 
 A layer that cannot be recorded (hooks that did not fire, or gradients that do not match
@@ -30,8 +30,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from marglik.curvature.backprop import backprop_columns
 from marglik.curvature.batches import Inputs, call_model
-from marglik.curvature.layers import LayerRecord, LayerRecorder, backprop_columns, layer_map
+from marglik.curvature.layers import LayerRecord, LayerRecorder, layer_map
+from marglik.curvature.local import (
+    OwnerRecord,
+    OwnerRecorder,
+    inconsistent_owners,
+    owner_outputs,
+    owner_records,
+)
 from marglik.curvature.silent import inconsistent_layers, silent_layers, silent_message
 from marglik.curvature.subsets import ParameterSubset
 from marglik.posterior.jacobians import per_sample_jacobians
@@ -74,6 +82,9 @@ class LayerwisePlan:
     #: layers that cannot be recorded (silent, or mixing samples), found on the first chunk:
     #: their tensors get per-sample Jacobians with torch.func (None: not checked yet)
     fallback: set[str] | None = None
+    #: owner modules of ``others`` whose recording does not give their exact per-sample
+    #: gradients (first chunk): their tensors take the whole-model torch.func path
+    owner_fallback: set[str] = field(default_factory=set)
 
 
 def layerwise_plan(la: Laplace) -> LayerwisePlan | None:
@@ -164,8 +175,8 @@ def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Inputs) -> tuple[
         d_out = rec.outputs[0][0].numel() // max(1, rec.inputs[0].shape[1]) if rec.outputs else 0
         d_in = rec.inputs[0].shape[-1] if rec.inputs else 0
         total += 3 * R * (d_in + D * d_out)  # activations, a, g and their rotations
-        if R > 1:
-            total += 3 * D * d_out * d_in  # materialised per-layer Jacobians
+        # (per-layer Jacobians with sharing are formed in blocks of bounded size:
+        # layerwise_covariance.MAX_JACOBIAN_BLOCK, not per input)
     if plan.others is not None:
         total += 3 * D * plan.others.size
     for bs in plan.blocks:  # Dense blocks: J and C⁻¹Jᵀ (D, p) each, or J·Q and aᵀQ (D_out, p)
@@ -178,9 +189,9 @@ def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Inputs) -> tuple[
 def _column_grads(f: Tensor, outs: list[Tensor], create_graph: bool) -> list[Tensor]:
     """∂f_d/∂out for every flattened output d, per input: list of (D, *out.shape).
 
-    Without a graph: one vmapped backward pass (:func:`~marglik.curvature.layers.backprop_columns`);
-    with ``create_graph`` one backward pass per column (double backward under vmap is not
-    reliable for every op).
+    Without a graph: :func:`~marglik.curvature.backprop.backprop_columns` (one backward pass
+    per column on a CPU, one vmapped pass elsewhere); with ``create_graph`` one backward pass
+    per column (double backward under vmap is not reliable for every op).
     """
     B = f.shape[0]
     flat = f.reshape(B, -1)
@@ -238,17 +249,32 @@ def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
     parameters requiring grad for that pass) whose recorded gradients do not match autograd,
     gets per-sample Jacobians of its tensors with ``torch.func`` instead (:class:`Fallback`),
     never a zero Jacobian; one warning per plan names such layers.
+
+    The other tensors' Jacobians come, as in the fit (:mod:`marglik.curvature.local`), from
+    their owner modules recorded in the same pass — the column gradients of their outputs and
+    the module's own per-sample vjps, in closed form for normalisation layers
+    (:mod:`marglik.curvature.norms`) — where the first chunk's check confirms that this gives
+    autograd's gradients; otherwise (and with ``create_graph``) from per-sample Jacobians of
+    the whole model with ``torch.func``.
     """
     first = plan.fallback is None
     layers = [rec for rec in _fresh_layers(plan) if first or rec.name not in plan.fallback]
+    owners = [] if create_graph else [
+        o for o in owner_records(la.model, plan.others)
+        if first or o.name not in plan.owner_fallback]
     names = [n for rec in layers for n in (rec.weight, rec.bias) if n] if first else []
+    names += [n for o in owners for n in o.params.values()]  # their outputs need a graph
     dtype = la.H.dtype
     with torch.enable_grad():
-        with _Recorder(layers), _requires_grad(la.model, names):
+        with (_Recorder(layers), OwnerRecorder(owners) as owner_recorder,
+              _requires_grad(la.model, names)):
             f = call_model(la.model, x)
             fallback = silent_layers(layers)
             if first:
                 fallback += inconsistent_layers(f, [r for r in layers if not r.silent], la.model)
+                plan.owner_fallback = {o.name for o in inconsistent_owners(f, owners, la.model)}
+                owner_recorder.remove([o for o in owners if o.name in plan.owner_fallback])
+        owners = [o for o in owners if o.name not in plan.owner_fallback]
         if first:
             plan.fallback = {rec.name for rec in fallback}
             layouts = {rec.name: (rec.batch_dim, rec.copies) for rec in layers}
@@ -260,10 +286,13 @@ def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
         layers = [rec for rec in layers if rec.name not in fallback_names]
         D = f[0].numel()
         outs = [o for rec in layers for o in rec.outputs]
+        n_layer_outs = len(outs)
+        outs += owner_outputs(owners)
         if outs and f.requires_grad:
-            grads = iter(_column_grads(f, outs, create_graph))
+            all_grads = _column_grads(f, outs, create_graph)
         else:
-            grads = iter([torch.zeros(D, *o.shape, dtype=o.dtype, device=o.device) for o in outs])
+            all_grads = [torch.zeros(D, *o.shape, dtype=o.dtype, device=o.device) for o in outs]
+    grads = iter(all_grads[:n_layer_outs])
     data: RecordedData = {}
     for rec in layers:
         a, g = rec.data(grads)
@@ -280,8 +309,24 @@ def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
             data.setdefault(t.layer.name, Fallback({})).J[t.name] = Jt
     J_other = None
     if plan.others is not None:
-        J_other = per_sample_jacobians(la.model, plan.others, x, f.shape[1:], f.dtype,
-                                       create_graph).to(dtype)
+        J_other = _other_jacobians(la, plan, x, f, owners, iter(all_grads[n_layer_outs:]),
+                                   create_graph).to(dtype)
     if not create_graph:
         f = f.detach()
     return f, data, J_other
+
+
+def _other_jacobians(la: Laplace, plan: LayerwisePlan, x: Inputs, f: Tensor,
+                     owners: list[OwnerRecord], grads: Iterator[Tensor], create_graph: bool
+                     ) -> Tensor:
+    """J (N, D, P_other) of the tensors without a registered layer, in ``plan.others`` order:
+    from the recorded owners (column gradients ``grads`` of their outputs), the rest with
+    ``torch.func`` through the whole model."""
+    parts = {name: g.transpose(0, 1) for o in owners for name, g in o.gradients(grads).items()}
+    shapes = dict(zip(plan.others.names, plan.others.shapes))
+    rest = [n for n in plan.others.names if n not in parts]
+    if rest:
+        sub = ParameterSubset(rest, [shapes[n] for n in rest])
+        J = per_sample_jacobians(la.model, sub, x, f.shape[1:], f.dtype, create_graph)
+        parts.update(zip(rest, J.split([int(torch.Size(shapes[n]).numel()) for n in rest], -1)))
+    return torch.cat([parts[n].to(f.dtype) for n in plan.others.names], -1)

@@ -113,15 +113,38 @@ def functional_covariance(la: Laplace, plan: LayerwisePlan, data: RecordedData,
 
 
 # ---------------------------------------------------------------------------------- Kronecker
+#: numbers of a layer's per-input Jacobians formed at once (blocks of weight rows)
+MAX_JACOBIAN_BLOCK = 2**22
+
+
 def _weight_quad(ld: LayerData, K: Tensor) -> Tensor:
-    """Σ_ij J_{c,ij} J_{c',ij} K_ij for J_c = Σ_r g_{c,r} a_rᵀ: (N, D, D)."""
+    """Σ_ij J_{c,ij} J_{c',ij} K_ij for J_c = Σ_r g_{c,r} a_rᵀ: (N, D, D).
+
+    With sharing (R > 1) the Jacobians are formed for blocks of rows i of W at a time (at most
+    :data:`MAX_JACOBIAN_BLOCK` numbers for the chunk's N inputs), scaled by √K in place and
+    contracted, Σ_i X_i X_iᵀ with X_i = J_{·,i·} ⊙ √K_i (K ≥ 0 for a prior δ > 0): memory
+    bounded by the block, not by N·D·D_out·D_in, so chunks of several inputs fit large layers.
+    """
     g, a = ld.g, ld.a
     if a.shape[1] == 1:  # rank one: g_cᵀ diag(K a²) g_c'
         g0 = g[:, :, 0]  # (D, N, m)
         w = a[:, 0].square() @ K.mT  # (N, m)
         return torch.einsum("dni,eni->nde", g0 * w, g0)
-    J = torch.einsum("dnri,nrj->ndij", g, a).flatten(2)  # (N, D, m·n)
-    return (J * K.reshape(-1)) @ J.mT
+    D, N, _, m = g.shape
+    n = a.shape[-1]
+    rows = max(1, min(m, MAX_JACOBIAN_BLOCK // max(1, N * D * n)))
+    root = K.sqrt() if bool((K >= 0).all()) else None
+    out = a.new_zeros(N, D, D)
+    for lo in range(0, m, rows):  # blocks of weight rows, not inputs or columns
+        hi = min(m, lo + rows)
+        J = torch.einsum("dnri,nrj->ndij", g[..., lo:hi], a)  # (N, D, rows, n)
+        if root is not None:
+            X = J.mul_(root[lo:hi]).flatten(2)
+            out = out.baddbmm(X, X.mT)
+        else:  # a negative entry (not from a positive prior): both factors
+            J = J.flatten(2)
+            out = out.baddbmm(J * K[lo:hi].reshape(-1), J.mT)
+    return out
 
 
 def _kron_block(bs: BlockSlot, chunk: Chunk, scale: Tensor, delta: Tensor) -> Tensor:
