@@ -20,7 +20,8 @@ curvature engine and the layer-wise predictive need is generic in (a, b)
 So a module type only has to say how to form a (N, R, D_in) from its forward arguments and how
 to lay out gradients w.r.t. its output as (K, N, R, D_out). ``nn.Linear`` (any leading dims:
 the middle ones are positions) and ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and zero
-padding (unfolded patches) are registered here, and ``nn.MultiheadAttention`` as a
+padding (unfolded patches) and :class:`marglik.layers.GroupedLinear` (G maps as one map at G
+positions with block-sparse inputs) are registered here, and ``nn.MultiheadAttention`` as a
 :class:`CompositeType` (below); other types register with :func:`register_layer` without
 touching the engine::
 
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marglik.curvature.conv import conv_patch_sums, explicit_padding, patch_gram, unfold
+from marglik.layers.equivariance import GroupedLinear
 
 
 def always(module: nn.Module) -> bool:
@@ -269,6 +271,31 @@ CONV2D = LayerType(_conv2d_inputs, _conv_output_grads, _conv_applies,
 register_layer(nn.Linear, LINEAR)
 register_layer(nn.Conv1d, CONV1D)
 register_layer(nn.Conv2d, CONV2D)
+
+
+# ------------------------------------------------------------------- grouped linear maps
+def _grouped_inputs(module: nn.Module, args: tuple[Tensor, ...]) -> Tensor:
+    """x (N, G, D_in) -> a (N, G, G·D_in), a_{n,g} = e_g ⊗ x_{n,g} (block-sparse)."""
+    x = args[0]
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    return torch.einsum("ngi,gh->nghi", x, eye).flatten(2)
+
+
+def _grouped_input_sums(module: nn.Module, args: tuple[Tensor, ...], approx: str) -> Tensor:
+    """expand: Σ_{n,g} a aᵀ = blockdiag_g(Σ_n x_g x_gᵀ); reduce: Σ_g a_{n,g} = vec(x_n)."""
+    x = args[0]
+    if approx != "expand":
+        return x.flatten(1)
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    blocks = torch.einsum("ngi,ngj,gh->gihj", x, x, eye)
+    return blocks.reshape(x.shape[1] * x.shape[2], -1)
+
+
+#: ``marglik.layers.GroupedLinear``: G maps W[:, g, :] as one W (D_out, G·D_in) at G positions.
+GROUPED_LINEAR = LayerType(_grouped_inputs, _linear_output_grads,
+                           input_sums=_grouped_input_sums)
+
+register_layer(GroupedLinear, GROUPED_LINEAR)
 
 
 # ------------------------------------------------------------------------- multi-head attention
