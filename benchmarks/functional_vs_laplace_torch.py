@@ -1,0 +1,385 @@
+"""Function-space Laplace beside laplace-torch 0.3: same network, weights and data (JSON lines).
+
+    lt-venv/bin/python benchmarks/functional_vs_laplace_torch.py                 # float32, MLP
+    lt-venv/bin/python benchmarks/functional_vs_laplace_torch.py --dtype float64 --no-exact \
+        --delta 2.79                                                             # float64 rows
+    lt-venv/bin/python benchmarks/functional_vs_laplace_torch.py --agreement     # dense float64
+    options: --models mlp32 cnn --sizes 50 100 200 400 --repeats 3 --slow 60 --time-limit 300
+
+Run it with a Python that has both ``marglik`` and ``laplace-torch`` (the virtualenv of
+``benchmarks/README.md``, "Side by side with laplace-torch"), single thread, one process.
+
+Setting. sklearn digits (``marglik.data.load_digits_split``: 1,257 training / 540 test images,
+1×8×8), the MLP 64-32-32-10 (3,466 parameters) and optionally the CNN (9,930 parameters) of
+``benchmarks/vs_laplace_torch.py``, trained there (10 epochs of Adam, lr 1e-3, batch 32, seed 0).
+Both libraries get deep copies of the same weights and the same DataLoader (batch 128, not
+shuffled); every predictive is the GLM (linearised) one with the probit link, which is
+laplace-torch's default for ``FunctionalLaplace`` and ``ELLA``.
+
+Rows (``kind: "row"``), all at the same fixed prior precision δ* — the optimum of marglik's
+exact evidence (``FunctionalLaplace`` over all N, L-BFGS; equal to the full-GGN weight-space
+evidence) unless ``--delta`` is given — and then at each library's own evidence-optimised δ
+where its API has one:
+
+- marglik ``FunctionalLaplace``: exact (one run: its N·(C−1) = 11,313-square eigendecomposition
+  takes about a minute), subset of M points (``random`` and ``class``), Nyström with M
+  inducing points; own δ by ``optimize_prior_precision(optimizer="lbfgs")``;
+- laplace-torch ``FunctionalLaplace(n_subset=M)`` with its own subset (``SoDSampler``, seed 0)
+  and with marglik's random subset (its sampler replaced by marglik's ``la.indices``, the
+  like-for-like check); own δ by ``optimize_prior_precision(method="marglik")`` (its defaults:
+  100 Adam steps, lr 0.1, from δ = 1; it warns that this is discouraged);
+- laplace-torch ``ELLA(subsample_size=M, n_eigenvalues=M)`` (random and ``balanced=True``): a
+  Nyström basis of M Jacobian rows, the GGN of all N projected on it; no evidence (its δ is
+  tuned on validation data only, not done here).
+
+Measured: fit time and predictive time on the 540 test images (median of ``--repeats`` fits of
+fresh copies; the order of the two libraries alternates from one M to the next), the evidence
+at δ* and at the own δ (each library's own definition: they differ, see
+``RESULTS-functional.md``), test NLL, ECE (15 bins) and accuracy. ``kind: "same_subset"``
+lines compare marglik's and laplace-torch's subset posteriors on the same M points: the
+predictive at δ* and with marglik's prior scaled by N/M (what laplace-torch's
+``gp_kernel_prior_variance`` does), so that what is left is laplace-torch's diagonal output
+Hessian.
+
+Guards. Every step runs under ``try``; an error is recorded as the row's status (laplace-torch's
+subset GP fails its Cholesky factorisation in float32 from M = 200 here). A step whose first run
+takes longer than ``--slow`` s is not repeated, and ``SIGALRM`` stops a step after
+``--time-limit`` s. ``--agreement`` is in ``benchmarks/functional_agreement.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from importlib import metadata
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import marglik
+from marglik import metrics
+from marglik.data import load_digits_split
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import vs_laplace_torch as vlt  # noqa: E402  (the same models and the same brief training)
+
+BATCH = 128
+
+
+class StepTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise StepTimeout
+
+
+def timed(fn, limit: int):
+    """(seconds, result) of fn(), stopped by SIGALRM after ``limit`` seconds."""
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    try:
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+    finally:
+        signal.alarm(0)
+
+
+def scores(probs: torch.Tensor, y: torch.Tensor) -> dict:
+    p = probs.detach().double()
+    p = p / p.sum(-1, keepdim=True)  # float32 rows can miss 1 by more than the check allows
+    return {"nll": round(metrics.nll(p, y).item(), 4), "ece": round(metrics.ece(p, y).item(), 4),
+            "acc": round(metrics.accuracy(p, y).item(), 4)}
+
+
+def _f(v) -> float | None:
+    return None if v is None else float(f"{float(v):.6g}")
+
+
+# ------------------------------------------------------------------------------- the two sides
+
+
+class Marglik:
+    library = "marglik"
+
+    def __init__(self, method: str, m: int | None, subset: str = "random", nystrom: bool = False):
+        self.m, self.subset, self.nystrom = m, subset, nystrom
+        self.method = method
+
+    def build(self, model, delta: float):
+        names = [n for n, _ in model.named_parameters()]
+        return marglik.FunctionalLaplace(
+            model, "classification", prior_precision=delta, prior_groups=[names],
+            n_subset=self.m, subset_method=self.subset, nystrom=self.nystrom, seed=0)
+
+    def fit(self, la, loader):
+        la.fit(loader)
+
+    def predict(self, la, x):
+        return la(x, pred_type="glm", link_approx="probit")
+
+    def evidence(self, la, delta: float) -> float:
+        return float(la.log_marginal_likelihood(torch.tensor(delta)))
+
+    def tune(self, la) -> float:
+        la.optimize_prior_precision(optimizer="lbfgs")
+        return float(la.prior_precision)
+
+
+class LTFunctional:
+    library = "laplace-torch"
+
+    def __init__(self, m: int, indices: torch.Tensor | None = None):
+        self.m, self.indices = m, indices
+        self.method = "FunctionalLaplace" + (" (marglik's subset)" if indices is not None else "")
+        self.subset = "marglik-random" if indices is not None else "SoDSampler"
+
+    def build(self, model, delta: float):
+        import laplace
+
+        la = laplace.FunctionalLaplace(model, "classification", n_subset=self.m,
+                                       prior_precision=delta)
+        if self.indices is not None:  # the like-for-like check: marglik's M points, same order
+            chosen = self.indices.tolist()
+            la._get_SoD_data_loader = lambda loader: DataLoader(
+                loader.dataset, batch_size=loader.batch_size, sampler=chosen, shuffle=False)
+        return la
+
+    def fit(self, la, loader):
+        la.fit(loader)
+
+    def predict(self, la, x):
+        return la(x)  # pred_type "gp", link_approx "probit": its defaults
+
+    def evidence(self, la, delta: float) -> float:
+        delta_t = torch.tensor([delta], dtype=la._dtype)
+        return float(la.log_marginal_likelihood(prior_precision=delta_t))
+
+    def tune(self, la) -> float:
+        la.optimize_prior_precision(method="marglik")
+        return float(la.prior_precision)
+
+
+class LTElla:
+    library = "laplace-torch"
+
+    def __init__(self, m: int, balanced: bool):
+        self.m, self.balanced = m, balanced
+        self.method, self.subset = "ELLA", "balanced" if balanced else "random"
+
+    def build(self, model, delta: float):
+        import laplace
+
+        return laplace.ELLA(model, "classification", subsample_size=self.m, n_eigenvalues=self.m,
+                            prior_precision=delta, seed=0)
+
+    def fit(self, la, loader):
+        la.fit(loader, balanced=self.balanced)
+
+    def predict(self, la, x):
+        return la(x)
+
+    evidence = tune = None  # ELLA has neither (validation grid search only)
+
+
+# ------------------------------------------------------------------------------- one row
+
+
+def run_row(side, base, loader, xt, yt, delta: float, args, repeats: int) -> tuple[dict, object]:
+    """Fit and predict ``repeats`` times on fresh deep copies; evidence, own δ on the last."""
+    row = {"kind": "row", "library": side.library, "method": side.method, "M": side.m,
+           "subset": getattr(side, "subset", None), "delta_star": _f(delta), "status": "ok"}
+    fit_s, pred_s, la, probs = [], [], None, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for _ in range(repeats):
+                la = side.build(copy.deepcopy(base), delta)
+                t, _ = timed(lambda la=la: side.fit(la, loader), args.time_limit)
+                fit_s.append(t)
+                t, probs = timed(lambda la=la: side.predict(la, xt), args.time_limit)
+                pred_s.append(t)
+                if fit_s[0] + pred_s[0] > args.slow:
+                    break
+            row.update({"fit_s": _f(statistics.median(fit_s)),
+                        "predictive_s": _f(statistics.median(pred_s)),
+                        "fit_all_s": [round(t, 4) for t in fit_s],
+                        "predictive_all_s": [round(t, 4) for t in pred_s], **scores(probs, yt)})
+            if side.evidence is not None:
+                t, ev = timed(lambda: side.evidence(la, delta), args.time_limit)
+                row.update({"evidence_at_delta_star": _f(ev), "evidence_s": _f(t)})
+                t, own = timed(lambda: side.tune(la), args.time_limit)
+                own_ev = side.evidence(la, own)
+                own_scores = scores(side.predict(la, xt), yt)
+                row.update({"own_delta": _f(own), "tune_s": _f(t), "evidence_at_own_delta":
+                            _f(own_ev), **{f"{k}_own_delta": v for k, v in own_scores.items()}})
+                side_indices = getattr(la, "indices", None)
+                row["indices_head"] = None if side_indices is None else side_indices[:5].tolist()
+        except StepTimeout:
+            row["status"] = f"did not finish (time limit {args.time_limit} s)"
+        except Exception as err:  # noqa: BLE001 - record what the library does
+            row["status"] = f"failed: {type(err).__name__}: {err}"[:200]
+    return row, (la if row["status"] == "ok" else None, probs)
+
+
+def same_subset_line(base, loader, xt, yt, m: int, ml_la, delta: float, n_data: int,
+                     args) -> dict:
+    """marglik's and laplace-torch's subset posteriors on the same M points."""
+    out = {"kind": "same_subset", "M": m, "delta_star": _f(delta)}
+    ml = Marglik("subset", m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            p_ml = ml.predict(ml_la, xt).double()
+            lt_side = LTFunctional(m, ml_la.indices)
+            lt = lt_side.build(copy.deepcopy(base), delta)
+            lt_side.fit(lt, loader)
+            p_lt = lt_side.predict(lt, xt).double()
+            scaled = ml.build(copy.deepcopy(base), delta * n_data / m)
+            ml.fit(scaled, loader)
+            assert torch.equal(scaled.indices, ml_la.indices)
+            p_scaled = ml.predict(scaled, xt).double()
+            f_ml, v_ml = ml_la.functional_moments(xt)
+            f_lt, v_lt = lt.predictive_moments(xt)
+            f_sc, v_sc = scaled.functional_moments(xt)
+            rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+            out.update({
+                "max_abs_dprob_at_delta": _f((p_ml - p_lt).abs().max()),
+                "rel_dcov_at_delta": _f(rel(v_ml, v_lt)),
+                "max_abs_dprob_prior_scaled": _f((p_scaled - p_lt).abs().max()),
+                "rel_dcov_prior_scaled": _f(rel(v_sc, v_lt)),
+                "max_abs_dmean": _f((f_ml.double() - f_lt.double()).abs().max()),
+                "evidence_marglik": _f(ml.evidence(ml_la, delta)),
+                "evidence_laplace_torch": _f(lt_side.evidence(lt, delta)),
+                "nll_marglik": scores(p_ml, yt)["nll"],
+                "nll_laplace_torch": scores(p_lt, yt)["nll"],
+                "nll_marglik_prior_scaled": scores(p_scaled, yt)["nll"]})
+        except Exception as err:  # noqa: BLE001
+            out["status"] = f"failed: {type(err).__name__}: {err}"[:200]
+    return out
+
+
+# ------------------------------------------------------------------------------- a model
+
+
+def exact_row(base, loader, xt, yt, delta: float | None, args) -> dict:
+    """marglik's exact posterior, one run: fit, δ* (L-BFGS on its evidence, unless given),
+    evidence and predictive at δ*."""
+    side = Marglik("exact", None)
+    row = {"kind": "row", "library": "marglik", "method": "exact", "M": None, "subset": None,
+           "status": "ok"}
+    try:
+        la = side.build(copy.deepcopy(base), delta or 1.0)
+        t, _ = timed(lambda: side.fit(la, loader), args.time_limit)
+        row["fit_s"] = _f(t)
+        if delta is None:
+            t, delta = timed(lambda: side.tune(la), args.time_limit)
+            row["tune_s"] = _f(t)  # includes the one-off eigendecomposition
+        t, ev = timed(lambda: side.evidence(la, delta), args.time_limit)
+        row.update({"delta_star": _f(delta), "evidence_at_delta_star": _f(ev),
+                    "evidence_s": _f(t)})
+        t, probs = timed(lambda: side.predict(la, xt), args.time_limit)
+        row.update({"predictive_s": _f(t), **scores(probs, yt)})
+    except StepTimeout:
+        row["status"] = f"did not finish (time limit {args.time_limit} s)"
+    except Exception as err:  # noqa: BLE001
+        row["status"] = f"failed: {type(err).__name__}: {err}"[:200]
+    return row
+
+
+
+def run_model(name: str, args) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    x, y, xt, yt = load_digits_split(dtype=dtype)
+    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    t0 = time.perf_counter()
+    base = vlt.train(name).to(dtype).eval()
+    setup = {"kind": "setup", "model": name, "dtype": args.dtype,
+             "params": sum(p.numel() for p in base.parameters()), "n_train": len(x),
+             "n_test": len(xt), "train_s": round(time.perf_counter() - t0, 2)}
+    with torch.no_grad():
+        setup.update({f"map_{k}": v for k, v in scores(base(xt).softmax(-1), yt).items()})
+    emit(setup)
+    delta = args.delta
+    if not args.no_exact:
+        row = exact_row(base, loader, xt, yt, delta, args)
+        emit(row)
+        delta = delta or row.get("delta_star")
+    if delta is None:
+        raise SystemExit("no δ: the exact row failed and --delta was not given")
+    for m in args.sizes:
+        sides = [Marglik("subset", m, "random"), Marglik("subset", m, "class"),
+                 Marglik("nystrom", m, "random", nystrom=True), LTFunctional(m),
+                 LTElla(m, False), LTElla(m, True)]
+        # alternate which library goes first with M, as the repetitions cannot interleave fits
+        order = sides if args.sizes.index(m) % 2 == 0 else sides[3:] + sides[:3]
+        fitted = {}
+        for side in order:
+            row, (la, _) = run_row(side, base, loader, xt, yt, delta, args, args.repeats)
+            emit(row)
+            fitted[(side.library, side.method, row["subset"])] = la
+        ml_random = fitted.get(("marglik", "subset", "random"))
+        if ml_random is not None:
+            ml_random.prior_precision = torch.tensor(delta)
+            emit(same_subset_line(base, loader, xt, yt, m, ml_random, delta, len(x), args))
+    return []
+
+
+def emit(line: dict) -> None:
+    line["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    print(json.dumps(line), flush=True)
+
+
+def environment() -> dict:
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    return {"kind": "environment", "python": platform.python_version(),
+            "torch": torch.__version__, "laplace-torch": version("laplace-torch"),
+            "curvlinops": version("curvlinops-for-pytorch"),
+            "backpack": version("backpack-for-pytorch"), "marglik_commit": commit,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp32"], choices=["mlp32", "cnn"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[50, 100, 200, 400])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--delta", type=float, default=None,
+                        help="fixed δ for every row (default: the exact evidence optimum)")
+    parser.add_argument("--no-exact", action="store_true", help="skip the exact row")
+    parser.add_argument("--slow", type=float, default=60.0)
+    parser.add_argument("--time-limit", type=int, default=300)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    emit(environment())
+    start = time.perf_counter()
+    for name in args.models:
+        run_model(name, args)
+    emit({"kind": "done", "total_s": round(time.perf_counter() - start, 1)})
+
+
+if __name__ == "__main__":
+    main()
