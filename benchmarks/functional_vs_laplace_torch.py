@@ -42,8 +42,8 @@ predictive at δ* and with marglik's prior scaled by N/M (what laplace-torch's
 Hessian.
 
 Guards. Every step runs under ``try``; an error is recorded as the row's status (laplace-torch's
-subset GP fails its Cholesky factorisation in float32 from M = 200 here). A step whose first run
-takes longer than ``--slow`` s is not repeated, and ``SIGALRM`` stops a step after
+evidence fails its Cholesky factorisation in float32 from M = 200 here). A row whose first fit
+and predictive take longer than ``--slow`` s is not repeated, and ``SIGALRM`` stops a step after
 ``--time-limit`` s. ``--agreement`` is in ``benchmarks/functional_agreement.py``.
 """
 
@@ -74,6 +74,7 @@ sys.path.insert(0, HERE)
 import vs_laplace_torch as vlt  # noqa: E402  (the same models and the same brief training)
 
 BATCH = 128
+ROWS = ["marglik", "lt-functional", "ella", "same-subset"]
 
 
 class StepTimeout(Exception):
@@ -216,55 +217,68 @@ def run_row(side, base, loader, xt, yt, delta: float, args, repeats: int) -> tup
                         "predictive_s": _f(statistics.median(pred_s)),
                         "fit_all_s": [round(t, 4) for t in fit_s],
                         "predictive_all_s": [round(t, 4) for t in pred_s], **scores(probs, yt)})
-            if side.evidence is not None:
-                t, ev = timed(lambda: side.evidence(la, delta), args.time_limit)
-                row.update({"evidence_at_delta_star": _f(ev), "evidence_s": _f(t)})
-                t, own = timed(lambda: side.tune(la), args.time_limit)
-                own_ev = side.evidence(la, own)
-                own_scores = scores(side.predict(la, xt), yt)
-                row.update({"own_delta": _f(own), "tune_s": _f(t), "evidence_at_own_delta":
-                            _f(own_ev), **{f"{k}_own_delta": v for k, v in own_scores.items()}})
-                side_indices = getattr(la, "indices", None)
-                row["indices_head"] = None if side_indices is None else side_indices[:5].tolist()
         except StepTimeout:
             row["status"] = f"did not finish (time limit {args.time_limit} s)"
         except Exception as err:  # noqa: BLE001 - record what the library does
             row["status"] = f"failed: {type(err).__name__}: {err}"[:200]
+        if side.evidence is not None and row["status"] == "ok":
+            row.update(own_delta_part(side, la, xt, yt, delta, args))
     return row, (la if row["status"] == "ok" else None, probs)
 
 
-def same_subset_line(base, loader, xt, yt, m: int, ml_la, delta: float, n_data: int,
-                     args) -> dict:
-    """marglik's and laplace-torch's subset posteriors on the same M points."""
+def own_delta_part(side, la, xt, yt, delta: float, args) -> dict:
+    """Evidence at δ*, then the library's own evidence-optimised δ and the scores there."""
+    out = {"indices_head": None if getattr(la, "indices", None) is None
+           else la.indices[:5].tolist()}
+    try:
+        t, ev = timed(lambda: side.evidence(la, delta), args.time_limit)
+        out.update({"evidence_at_delta_star": _f(ev), "evidence_s": _f(t)})
+        t, own = timed(lambda: side.tune(la), args.time_limit)
+        out.update({"own_delta": _f(own), "tune_s": _f(t)})
+        own_ev = side.evidence(la, own)
+        own_scores = scores(side.predict(la, xt), yt)
+        out.update({"evidence_at_own_delta": _f(own_ev),
+                    **{f"{k}_own_delta": v for k, v in own_scores.items()}})
+    except StepTimeout:
+        out["own_delta_status"] = f"did not finish (time limit {args.time_limit} s)"
+    except Exception as err:  # noqa: BLE001
+        out["own_delta_status"] = f"failed: {type(err).__name__}: {err}"[:200]
+    return out
+
+
+def same_subset_line(base, loader, xt, yt, m: int, delta: float, n_data: int) -> dict:
+    """marglik's and laplace-torch's subset posteriors on the same M points (marglik's random
+    subset, seed 0): the predictive at δ*, and with marglik's prior scaled by N/M."""
     out = {"kind": "same_subset", "M": m, "delta_star": _f(delta)}
     ml = Marglik("subset", m)
+    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            p_ml = ml.predict(ml_la, xt).double()
-            lt_side = LTFunctional(m, ml_la.indices)
+            ours = ml.build(copy.deepcopy(base), delta)
+            ml.fit(ours, loader)
+            lt_side = LTFunctional(m, ours.indices)
             lt = lt_side.build(copy.deepcopy(base), delta)
             lt_side.fit(lt, loader)
-            p_lt = lt_side.predict(lt, xt).double()
             scaled = ml.build(copy.deepcopy(base), delta * n_data / m)
             ml.fit(scaled, loader)
-            assert torch.equal(scaled.indices, ml_la.indices)
-            p_scaled = ml.predict(scaled, xt).double()
-            f_ml, v_ml = ml_la.functional_moments(xt)
+            assert torch.equal(scaled.indices, ours.indices)
+            p_ml, p_lt, p_sc = (side.predict(la, xt).double()
+                                for side, la in ((ml, ours), (lt_side, lt), (ml, scaled)))
+            f_ml, v_ml = ours.functional_moments(xt)
+            v_sc = scaled.functional_moments(xt)[1]
             f_lt, v_lt = lt.predictive_moments(xt)
-            f_sc, v_sc = scaled.functional_moments(xt)
-            rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
             out.update({
                 "max_abs_dprob_at_delta": _f((p_ml - p_lt).abs().max()),
                 "rel_dcov_at_delta": _f(rel(v_ml, v_lt)),
-                "max_abs_dprob_prior_scaled": _f((p_scaled - p_lt).abs().max()),
+                "max_abs_dprob_prior_scaled": _f((p_sc - p_lt).abs().max()),
                 "rel_dcov_prior_scaled": _f(rel(v_sc, v_lt)),
                 "max_abs_dmean": _f((f_ml.double() - f_lt.double()).abs().max()),
-                "evidence_marglik": _f(ml.evidence(ml_la, delta)),
-                "evidence_laplace_torch": _f(lt_side.evidence(lt, delta)),
                 "nll_marglik": scores(p_ml, yt)["nll"],
                 "nll_laplace_torch": scores(p_lt, yt)["nll"],
-                "nll_marglik_prior_scaled": scores(p_scaled, yt)["nll"]})
+                "nll_marglik_prior_scaled": scores(p_sc, yt)["nll"],
+                "evidence_marglik": _f(ml.evidence(ours, delta))})
+            out["evidence_laplace_torch"] = _f(lt_side.evidence(lt, delta))
         except Exception as err:  # noqa: BLE001
             out["status"] = f"failed: {type(err).__name__}: {err}"[:200]
     return out
@@ -319,20 +333,16 @@ def run_model(name: str, args) -> list[dict]:
     if delta is None:
         raise SystemExit("no δ: the exact row failed and --delta was not given")
     for m in args.sizes:
-        sides = [Marglik("subset", m, "random"), Marglik("subset", m, "class"),
-                 Marglik("nystrom", m, "random", nystrom=True), LTFunctional(m),
-                 LTElla(m, False), LTElla(m, True)]
+        ours = [Marglik("subset", m, "random"), Marglik("subset", m, "class"),
+                Marglik("nystrom", m, "random", nystrom=True)] if "marglik" in args.rows else []
+        theirs = ([LTFunctional(m)] if "lt-functional" in args.rows else []) + (
+            [LTElla(m, False), LTElla(m, True)] if "ella" in args.rows else [])
         # alternate which library goes first with M, as the repetitions cannot interleave fits
-        order = sides if args.sizes.index(m) % 2 == 0 else sides[3:] + sides[:3]
-        fitted = {}
+        order = ours + theirs if args.sizes.index(m) % 2 == 0 else theirs + ours
         for side in order:
-            row, (la, _) = run_row(side, base, loader, xt, yt, delta, args, args.repeats)
-            emit(row)
-            fitted[(side.library, side.method, row["subset"])] = la
-        ml_random = fitted.get(("marglik", "subset", "random"))
-        if ml_random is not None:
-            ml_random.prior_precision = torch.tensor(delta)
-            emit(same_subset_line(base, loader, xt, yt, m, ml_random, delta, len(x), args))
+            emit(run_row(side, base, loader, xt, yt, delta, args, args.repeats)[0])
+        if "same-subset" in args.rows:
+            emit(same_subset_line(base, loader, xt, yt, m, delta, len(x)))
     return []
 
 
@@ -370,7 +380,9 @@ def main(argv=None) -> None:
     parser.add_argument("--delta", type=float, default=None,
                         help="fixed δ for every row (default: the exact evidence optimum)")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact row")
-    parser.add_argument("--slow", type=float, default=60.0)
+    parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    parser.add_argument("--slow", type=float, default=10.0,
+                        help="a row whose first fit + predictive takes longer is not repeated")
     parser.add_argument("--time-limit", type=int, default=300)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
