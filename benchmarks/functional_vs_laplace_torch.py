@@ -3,8 +3,10 @@
     lt-venv/bin/python benchmarks/functional_vs_laplace_torch.py                 # float32, MLP
     lt-venv/bin/python benchmarks/functional_vs_laplace_torch.py --dtype float64 --no-exact \
         --delta 2.79                                                             # float64 rows
-    lt-venv/bin/python benchmarks/functional_vs_laplace_torch.py --agreement     # dense float64
-    options: --models mlp32 cnn --sizes 50 100 200 400 --repeats 3 --slow 60 --time-limit 300
+    lt-venv/bin/python benchmarks/functional_agreement.py                        # dense float64
+    lt-venv/bin/python benchmarks/functional_vs_laplace_torch.py --table a.jsonl b.jsonl  # Markdown
+    options: --models mlp32 cnn --sizes 50 100 200 400 --repeats 3 --slow 10 --time-limit 300
+             --rows marglik lt-functional ella same-subset
 
 Run it with a Python that has both ``marglik`` and ``laplace-torch`` (the virtualenv of
 ``benchmarks/README.md``, "Side by side with laplace-torch"), single thread, one process.
@@ -44,7 +46,7 @@ Hessian.
 Guards. Every step runs under ``try``; an error is recorded as the row's status (laplace-torch's
 evidence fails its Cholesky factorisation in float32 from M = 200 here). A row whose first fit
 and predictive take longer than ``--slow`` s is not repeated, and ``SIGALRM`` stops a step after
-``--time-limit`` s. ``--agreement`` is in ``benchmarks/functional_agreement.py``.
+``--time-limit`` s. The dense float64 checks are in ``benchmarks/functional_agreement.py``.
 """
 
 from __future__ import annotations
@@ -346,6 +348,49 @@ def run_model(name: str, args) -> list[dict]:
     return []
 
 
+def table(paths: list[str]) -> None:
+    """Markdown tables of saved output (rows, then same-subset lines)."""
+    lines = [json.loads(ln) for path in paths for ln in open(path) if ln.startswith("{")]
+
+    def cell(v, fmt="{:.3g}"):
+        return "—" if v is None else (fmt.format(v) if isinstance(v, float) else str(v))
+
+    print("| dtype | library | method | M | subset | fit s | predictive s | NLL | ECE | acc | "
+          "log Z(δ*) | own δ | log Z(own δ) | NLL (own δ) | ECE (own δ) | note |")
+    print("|" + "---|" * 16)
+    dtype = None
+    for d in lines:
+        if d["kind"] == "setup":
+            dtype = d["dtype"]
+            print(f"| {dtype} | MAP network | — | — | — | — | — | {d['map_nll']:.4f} | "
+                  f"{d['map_ece']:.4f} | {d['map_acc']:.4f} | | | | | | |")
+        if d["kind"] != "row":
+            continue
+        note = "; ".join(v for k, v in d.items() if k.endswith("status") and v != "ok")
+        cells = [dtype, d["library"], d["method"], cell(d["M"]), cell(d["subset"]),
+                 cell(d.get("fit_s")), cell(d.get("predictive_s"))]
+        cells += [cell(d.get(k), "{:.4f}") for k in ("nll", "ece", "acc")]
+        cells += [cell(d.get("evidence_at_delta_star"), "{:.1f}"), cell(d.get("own_delta")),
+                  cell(d.get("evidence_at_own_delta"), "{:.1f}")]
+        cells += [cell(d.get(k), "{:.4f}") for k in ("nll_own_delta", "ece_own_delta")]
+        print("| " + " | ".join(cells) + f" | {note[:90]} |")
+    print("\n| dtype | M | max abs Δp at δ* | rel Δcov at δ* | max abs Δp, prior ×N/M | "
+          "rel Δcov, prior ×N/M | NLL marglik | NLL marglik ×N/M | NLL laplace-torch | "
+          "log Z marglik | log Z laplace-torch |")
+    print("|" + "---|" * 11)
+    for d in lines:
+        if d["kind"] == "setup":
+            dtype = d["dtype"]
+        if d["kind"] == "same_subset":
+            keys = ("max_abs_dprob_at_delta", "rel_dcov_at_delta", "max_abs_dprob_prior_scaled",
+                    "rel_dcov_prior_scaled", "nll_marglik", "nll_marglik_prior_scaled",
+                    "nll_laplace_torch")
+            cells = [dtype, str(d["M"])] + [cell(d.get(k)) for k in keys]
+            cells += [cell(d.get(k), "{:.1f}") for k in ("evidence_marglik",
+                                                           "evidence_laplace_torch")]
+            print("| " + " | ".join(cells) + f" {d.get('status', '')[:60]} |")
+
+
 def emit(line: dict) -> None:
     line["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(line), flush=True)
@@ -384,7 +429,11 @@ def main(argv=None) -> None:
     parser.add_argument("--slow", type=float, default=10.0,
                         help="a row whose first fit + predictive takes longer is not repeated")
     parser.add_argument("--time-limit", type=int, default=300)
+    parser.add_argument("--table", nargs="+", metavar="FILE.jsonl",
+                        help="print Markdown tables of saved output and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        return table(args.table)
     torch.set_num_threads(1)
     emit(environment())
     start = time.perf_counter()
