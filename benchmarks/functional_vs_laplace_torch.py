@@ -15,8 +15,12 @@ Setting. sklearn digits (``marglik.data.load_digits_split``: 1,257 training / 54
 1×8×8), the MLP 64-32-32-10 (3,466 parameters) and optionally the CNN (9,930 parameters) of
 ``benchmarks/vs_laplace_torch.py``, trained there (10 epochs of Adam, lr 1e-3, batch 32, seed 0).
 Both libraries get deep copies of the same weights and the same DataLoader (batch 128, not
-shuffled); every predictive is the GLM (linearised) one with the probit link, which is
-laplace-torch's default for ``FunctionalLaplace`` and ``ELLA``.
+shuffled); every predictive is the GLM (linearised) Gaussian over the logits, from each
+library's moments call (``functional_moments`` / ``predictive_moments``, what "predictive s"
+times), scored with
+two links on the same moments: the plain probit softmax(μ/√(1 + π/8 diag Σ)), laplace-torch's
+default, and marglik's default centred probit, which first projects the logits to zero sum
+(``marglik.predictive.links.probit``; variance along 1 changes no softmax).
 
 Rows (``kind: "row"``), all at the same fixed prior precision δ* — the optimum of marglik's
 exact evidence (``FunctionalLaplace`` over all N, L-BFGS; equal to the full-GGN weight-space
@@ -54,6 +58,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import signal
@@ -70,6 +75,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import marglik
 from marglik import metrics
 from marglik.data import load_digits_split
+from marglik.predictive.links import probit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -99,11 +105,24 @@ def timed(fn, limit: int):
         signal.alarm(0)
 
 
-def scores(probs: torch.Tensor, y: torch.Tensor) -> dict:
+def metrics_of(probs: torch.Tensor, y: torch.Tensor, suffix: str = "") -> dict:
     p = probs.detach().double()
     p = p / p.sum(-1, keepdim=True)  # float32 rows can miss 1 by more than the check allows
-    return {"nll": round(metrics.nll(p, y).item(), 4), "ece": round(metrics.ece(p, y).item(), 4),
-            "acc": round(metrics.accuracy(p, y).item(), 4)}
+    return {f"nll{suffix}": round(metrics.nll(p, y).item(), 4),
+            f"ece{suffix}": round(metrics.ece(p, y).item(), 4),
+            f"acc{suffix}": round(metrics.accuracy(p, y).item(), 4)}
+
+
+def plain_probit(f: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """softmax(μ / √(1 + π/8 · diag Σ)): laplace-torch's ``link_approx="probit"``."""
+    return (f / (1 + math.pi / 8 * cov.diagonal(dim1=-2, dim2=-1)).sqrt()).softmax(-1)
+
+
+def scores(moments: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> dict:
+    """NLL, ECE, accuracy of the plain probit (laplace-torch's) and of the centred probit
+    (marglik's default, :func:`marglik.predictive.links.probit`) on the same moments."""
+    f, cov = (t.detach().double() for t in moments)
+    return {**metrics_of(plain_probit(f, cov), y), **metrics_of(probit(f, cov), y, "_centred")}
 
 
 def _f(v) -> float | None:
@@ -129,8 +148,8 @@ class Marglik:
     def fit(self, la, loader):
         la.fit(loader)
 
-    def predict(self, la, x):
-        return la(x, pred_type="glm", link_approx="probit")
+    def moments(self, la, x):
+        return la.functional_moments(x)
 
     def evidence(self, la, delta: float) -> float:
         return float(la.log_marginal_likelihood(torch.tensor(delta)))
@@ -162,8 +181,8 @@ class LTFunctional:
     def fit(self, la, loader):
         la.fit(loader)
 
-    def predict(self, la, x):
-        return la(x)  # pred_type "gp", link_approx "probit": its defaults
+    def moments(self, la, x):
+        return la.predictive_moments(x)
 
     def evidence(self, la, delta: float) -> float:
         delta_t = torch.tensor([delta], dtype=la._dtype)
@@ -190,8 +209,8 @@ class LTElla:
     def fit(self, la, loader):
         la.fit(loader, balanced=self.balanced)
 
-    def predict(self, la, x):
-        return la(x)
+    def moments(self, la, x):
+        return la.predictive_moments(x)
 
     evidence = tune = None  # ELLA has neither (validation grid search only)
 
@@ -211,7 +230,7 @@ def run_row(side, base, loader, xt, yt, delta: float, args, repeats: int) -> tup
                 la = side.build(copy.deepcopy(base), delta)
                 t, _ = timed(lambda la=la: side.fit(la, loader), args.time_limit)
                 fit_s.append(t)
-                t, probs = timed(lambda la=la: side.predict(la, xt), args.time_limit)
+                t, probs = timed(lambda la=la: side.moments(la, xt), args.time_limit)
                 pred_s.append(t)
                 if fit_s[0] + pred_s[0] > args.slow:
                     break
@@ -238,7 +257,7 @@ def own_delta_part(side, la, xt, yt, delta: float, args) -> dict:
         t, own = timed(lambda: side.tune(la), args.time_limit)
         out.update({"own_delta": _f(own), "tune_s": _f(t)})
         own_ev = side.evidence(la, own)
-        own_scores = scores(side.predict(la, xt), yt)
+        own_scores = scores(side.moments(la, xt), yt)
         out.update({"evidence_at_own_delta": _f(own_ev),
                     **{f"{k}_own_delta": v for k, v in own_scores.items()}})
     except StepTimeout:
@@ -265,20 +284,19 @@ def same_subset_line(base, loader, xt, yt, m: int, delta: float, n_data: int) ->
             scaled = ml.build(copy.deepcopy(base), delta * n_data / m)
             ml.fit(scaled, loader)
             assert torch.equal(scaled.indices, ours.indices)
-            p_ml, p_lt, p_sc = (side.predict(la, xt).double()
-                                for side, la in ((ml, ours), (lt_side, lt), (ml, scaled)))
-            f_ml, v_ml = ours.functional_moments(xt)
-            v_sc = scaled.functional_moments(xt)[1]
+            (f_ml, v_ml), (f_sc, v_sc) = ours.functional_moments(xt), scaled.functional_moments(xt)
             f_lt, v_lt = lt.predictive_moments(xt)
+            p_ml, p_lt, p_sc = (plain_probit(f.double(), v.double())
+                                for f, v in ((f_ml, v_ml), (f_lt, v_lt), (f_sc, v_sc)))
             out.update({
                 "max_abs_dprob_at_delta": _f((p_ml - p_lt).abs().max()),
                 "rel_dcov_at_delta": _f(rel(v_ml, v_lt)),
                 "max_abs_dprob_prior_scaled": _f((p_sc - p_lt).abs().max()),
                 "rel_dcov_prior_scaled": _f(rel(v_sc, v_lt)),
                 "max_abs_dmean": _f((f_ml.double() - f_lt.double()).abs().max()),
-                "nll_marglik": scores(p_ml, yt)["nll"],
-                "nll_laplace_torch": scores(p_lt, yt)["nll"],
-                "nll_marglik_prior_scaled": scores(p_sc, yt)["nll"],
+                "nll_marglik": metrics_of(p_ml, yt)["nll"],
+                "nll_laplace_torch": metrics_of(p_lt, yt)["nll"],
+                "nll_marglik_prior_scaled": metrics_of(p_sc, yt)["nll"],
                 "evidence_marglik": _f(ml.evidence(ours, delta))})
             out["evidence_laplace_torch"] = _f(lt_side.evidence(lt, delta))
         except Exception as err:  # noqa: BLE001
@@ -305,7 +323,7 @@ def exact_row(base, loader, xt, yt, delta: float | None, args) -> dict:
         t, ev = timed(lambda: side.evidence(la, delta), args.time_limit)
         row.update({"delta_star": _f(delta), "evidence_at_delta_star": _f(ev),
                     "evidence_s": _f(t)})
-        t, probs = timed(lambda: side.predict(la, xt), args.time_limit)
+        t, probs = timed(lambda: side.moments(la, xt), args.time_limit)
         row.update({"predictive_s": _f(t), **scores(probs, yt)})
     except StepTimeout:
         row["status"] = f"did not finish (time limit {args.time_limit} s)"
@@ -325,7 +343,7 @@ def run_model(name: str, args) -> list[dict]:
              "params": sum(p.numel() for p in base.parameters()), "n_train": len(x),
              "n_test": len(xt), "train_s": round(time.perf_counter() - t0, 2)}
     with torch.no_grad():
-        setup.update({f"map_{k}": v for k, v in scores(base(xt).softmax(-1), yt).items()})
+        setup.update({f"map_{k}": v for k, v in metrics_of(base(xt).softmax(-1), yt).items()})
     emit(setup)
     delta = args.delta
     if not args.no_exact:
@@ -355,24 +373,26 @@ def table(paths: list[str]) -> None:
     def cell(v, fmt="{:.3g}"):
         return "—" if v is None else (fmt.format(v) if isinstance(v, float) else str(v))
 
-    print("| dtype | library | method | M | subset | fit s | predictive s | NLL | ECE | acc | "
-          "log Z(δ*) | own δ | log Z(own δ) | NLL (own δ) | ECE (own δ) | note |")
-    print("|" + "---|" * 16)
+    print("| dtype | library | method | M | subset | fit s | predictive s | NLL | ECE | "
+          "NLL centred | ECE centred | acc | log Z(δ*) | own δ | log Z(own δ) | NLL (own δ) | "
+          "NLL centred (own δ) | note |")
+    print("|" + "---|" * 18)
     dtype = None
     for d in lines:
         if d["kind"] == "setup":
             dtype = d["dtype"]
             print(f"| {dtype} | MAP network | — | — | — | — | — | {d['map_nll']:.4f} | "
-                  f"{d['map_ece']:.4f} | {d['map_acc']:.4f} | | | | | | |")
+                  f"{d['map_ece']:.4f} | | | {d['map_acc']:.4f} | | | | | | |")
         if d["kind"] != "row":
             continue
         note = "; ".join(v for k, v in d.items() if k.endswith("status") and v != "ok")
         cells = [dtype, d["library"], d["method"], cell(d["M"]), cell(d["subset"]),
                  cell(d.get("fit_s")), cell(d.get("predictive_s"))]
-        cells += [cell(d.get(k), "{:.4f}") for k in ("nll", "ece", "acc")]
+        cells += [cell(d.get(k), "{:.4f}") for k in ("nll", "ece", "nll_centred",
+                                                     "ece_centred", "acc")]
         cells += [cell(d.get("evidence_at_delta_star"), "{:.1f}"), cell(d.get("own_delta")),
                   cell(d.get("evidence_at_own_delta"), "{:.1f}")]
-        cells += [cell(d.get(k), "{:.4f}") for k in ("nll_own_delta", "ece_own_delta")]
+        cells += [cell(d.get(k), "{:.4f}") for k in ("nll_own_delta", "nll_centred_own_delta")]
         print("| " + " | ".join(cells) + f" | {note[:90]} |")
     print("\n| dtype | M | max abs Δp at δ* | rel Δcov at δ* | max abs Δp, prior ×N/M | "
           "rel Δcov, prior ×N/M | NLL marglik | NLL marglik ×N/M | NLL laplace-torch | "
