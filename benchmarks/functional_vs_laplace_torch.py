@@ -12,15 +12,16 @@ Run it with a Python that has both ``marglik`` and ``laplace-torch`` (the virtua
 ``benchmarks/README.md``, "Side by side with laplace-torch"), single thread, one process.
 
 Setting. sklearn digits (``marglik.data.load_digits_split``: 1,257 training / 540 test images,
-1×8×8), the MLP 64-32-32-10 (3,466 parameters) and optionally the CNN (9,930 parameters) of
+1×8×8), the MLP 64-32-32-10 (3,466 parameters) and optionally (``--models cnn``: runs, but the
+exact row is costly and not in ``RESULTS-functional.md``) the CNN (9,930 parameters) of
 ``benchmarks/vs_laplace_torch.py``, trained there (10 epochs of Adam, lr 1e-3, batch 32, seed 0).
 Both libraries get deep copies of the same weights and the same DataLoader (batch 128, not
 shuffled); every predictive is the GLM (linearised) Gaussian over the logits, from each
 library's moments call (``functional_moments`` / ``predictive_moments``, what "predictive s"
-times), scored with
-two links on the same moments: the plain probit softmax(μ/√(1 + π/8 diag Σ)), laplace-torch's
-default, and marglik's default centred probit, which first projects the logits to zero sum
-(``marglik.predictive.links.probit``; variance along 1 changes no softmax).
+times), scored with two links on the same moments: the plain probit
+softmax(μ/√(1 + π/8 diag Σ)), laplace-torch's default, and marglik's default centred probit,
+which first projects the logits to zero sum (``marglik.predictive.links.probit``; variance along
+1 changes no softmax).
 
 Rows (``kind: "row"``), all at the same fixed prior precision δ* — the optimum of marglik's
 exact evidence (``FunctionalLaplace`` over all N, L-BFGS; equal to the full-GGN weight-space
@@ -30,10 +31,10 @@ where its API has one:
 - marglik ``FunctionalLaplace``: exact (one run: its N·(C−1) = 11,313-square eigendecomposition
   takes about a minute), subset of M points (``random`` and ``class``), Nyström with M
   inducing points; own δ by ``optimize_prior_precision(optimizer="lbfgs")``;
-- laplace-torch ``FunctionalLaplace(n_subset=M)`` with its own subset (``SoDSampler``, seed 0)
-  and with marglik's random subset (its sampler replaced by marglik's ``la.indices``, the
-  like-for-like check); own δ by ``optimize_prior_precision(method="marglik")`` (its defaults:
-  100 Adam steps, lr 0.1, from δ = 1; it warns that this is discouraged);
+- laplace-torch ``FunctionalLaplace(n_subset=M)`` with its own subset (``SoDSampler``, seed 0),
+  as shipped and with its cross-kernel fixed (:func:`fix_cross_kernel`, "K*M fixed"); own δ by
+  ``optimize_prior_precision(method="marglik")`` (its defaults: 100 Adam steps, lr 0.1, from
+  δ = 1; it warns that this is discouraged);
 - laplace-torch ``ELLA(subsample_size=M, n_eigenvalues=M)`` (random and ``balanced=True``): a
   Nyström basis of M Jacobian rows, the GGN of all N projected on it; no evidence (its δ is
   tuned on validation data only, not done here).
@@ -42,10 +43,11 @@ Measured: fit time and predictive time on the 540 test images (median of ``--rep
 fresh copies; the order of the two libraries alternates from one M to the next), the evidence
 at δ* and at the own δ (each library's own definition: they differ, see
 ``RESULTS-functional.md``), test NLL, ECE (15 bins) and accuracy. ``kind: "same_subset"``
-lines compare marglik's and laplace-torch's subset posteriors on the same M points: the
-predictive at δ* and with marglik's prior scaled by N/M (what laplace-torch's
-``gp_kernel_prior_variance`` does), so that what is left is laplace-torch's diagonal output
-Hessian.
+lines compare marglik's and laplace-torch's subset posteriors on the same M points (marglik's
+random subset, laplace-torch's sampler replaced by ``la.indices``): the predictive at δ* and
+with marglik's prior scaled by N/M (what laplace-torch's ``gp_kernel_prior_variance`` does),
+against laplace-torch as shipped and with the cross-kernel fixed, so that what is left is
+laplace-torch's diagonal output Hessian.
 
 Guards. Every step runs under ``try``; an error is recorded as the row's status (laplace-torch's
 evidence fails its Cholesky factorisation in float32 from M = 200 here). A row whose first fit
