@@ -129,3 +129,12 @@ def test_bad_loader_items_and_theta_shapes_raise():
     la = marglik.Laplace(mlp(), "classification", hessian_structure="diag").fit(loader(X, Y))
     with pytest.raises(ValueError, match="entries"):
         la.log_prob(torch.zeros(3))
+
+
+def test_laplace_checks_the_model_and_temperature():
+    """The set-up shared with FunctionalLaplace (Posterior._init_model)."""
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        marglik.Laplace(lambda x: x, "classification")
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="temperature must be positive and finite"):
+            marglik.Laplace(nn.Linear(2, 2), "classification", temperature=bad)

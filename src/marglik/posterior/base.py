@@ -21,6 +21,7 @@ gets the predictive and the evidence optimisation by implementing this class.
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from marglik.curvature.engine import eval_mode
 from marglik.evidence.optimize import optimize_hyperparameters
-from marglik.likelihoods import Gaussian, Likelihood
+from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
 from marglik.likelihoods.gaussian import check_sigma
 from marglik.posterior.prior import Prior
 from marglik.posterior.tangent import optimize_tangent_evidence
@@ -55,6 +56,28 @@ class Posterior(ABC):
     likelihood: Likelihood
     prior: Prior
     n_data: int = 0
+
+    # ---- shared set-up --------------------------------------------------------------------------
+    def _init_model(self, model: nn.Module, likelihood: str | Likelihood,
+                    sigma_noise: float | Tensor, temperature: float) -> None:
+        """Set ``model``, ``likelihood`` (with σ) and ``temperature`` T, checked.
+
+        A σ other than the default 1.0 raises for a non-Gaussian likelihood and is applied to a
+        given Likelihood object (never silently ignored).
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.likelihood = get_likelihood(likelihood, sigma_noise)
+        sigma_given = not (isinstance(sigma_noise, (int, float)) and sigma_noise == 1.0)
+        if sigma_given and not isinstance(self.likelihood, Gaussian):
+            raise ValueError(f"sigma_noise only applies to regression, not {self.likelihood.task}")
+        if sigma_given and isinstance(likelihood, Likelihood):
+            self.sigma_noise = sigma_noise
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                0 < temperature < math.inf):
+            raise ValueError(f"temperature must be positive and finite, got {temperature}")
+        self.temperature = float(temperature)
 
     # ---- to implement ---------------------------------------------------------------------------
     @property

@@ -27,7 +27,7 @@ from marglik.curvature.subsets import (
     select_subset,
 )
 from marglik.evidence.laplace import laplace_log_evidence
-from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
+from marglik.likelihoods import Gaussian, Likelihood
 from marglik.likelihoods.gaussian import check_sigma
 from marglik.posterior import function_space as fs
 from marglik.posterior.base import Posterior
@@ -115,18 +115,7 @@ class FunctionalLaplace(Posterior):
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model = model
-        self.likelihood = get_likelihood(likelihood, sigma_noise)
-        sigma_given = not (isinstance(sigma_noise, (int, float)) and sigma_noise == 1.0)
-        if sigma_given and not isinstance(self.likelihood, Gaussian):
-            raise ValueError(f"sigma_noise only applies to regression, not {self.likelihood.task}")
-        if sigma_given and isinstance(likelihood, Likelihood):
-            self.sigma_noise = sigma_noise
-        if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be positive and finite, got {temperature}")
-        self.temperature = float(temperature)
+        self._init_model(model, likelihood, sigma_noise, temperature)
         check_subset_options(n_subset, subset_method, nystrom, self.likelihood.task)
         self.n_subset, self.subset_method, self.nystrom = n_subset, subset_method, nystrom
         self.seed, self.generator = seed, generator

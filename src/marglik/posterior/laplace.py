@@ -23,7 +23,7 @@ from marglik.curvature.subsets import (
     select_subset,
 )
 from marglik.evidence.laplace import laplace_log_evidence
-from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
+from marglik.likelihoods import Likelihood
 from marglik.likelihoods.gaussian import check_sigma
 from marglik.posterior.base import Posterior
 from marglik.posterior.glm import glm_moment_chunks, glm_moments
@@ -105,22 +105,11 @@ class Laplace(Posterior):
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
     ):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model = model
-        self.likelihood = get_likelihood(likelihood, sigma_noise)
-        sigma_given = not (isinstance(sigma_noise, (int, float)) and sigma_noise == 1.0)
-        if sigma_given and not isinstance(self.likelihood, Gaussian):
-            raise ValueError(f"sigma_noise only applies to regression, not {self.likelihood.task}")
-        if sigma_given and isinstance(likelihood, Likelihood):  # never silently ignored
-            self.sigma_noise = sigma_noise
+        self._init_model(model, likelihood, sigma_noise, temperature)
         self.subset_of_weights = subset_of_weights
         self.hessian_structure = hessian_structure
         self.curvature = curvature
         self.kfac_approx = kfac_approx
-        if temperature <= 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be positive and finite, got {temperature}")
-        self.temperature = float(temperature)
         self.rank, self.mc_samples, self.seed = rank, mc_samples, seed
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.prior = Prior(
