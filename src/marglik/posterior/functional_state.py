@@ -14,13 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from marglik.curvature.subsets import ParameterSubset
 from marglik.posterior.prior import Prior
-from marglik.posterior.state import (
-    _check_last_layer,
-    _check_same_subset,
-    _check_subset_specification,
-)
+from marglik.posterior.state import saved_subset
 
 if TYPE_CHECKING:
     from marglik.posterior.functional import FunctionalLaplace
@@ -67,24 +62,7 @@ def functional_state(la: FunctionalLaplace) -> dict:
 
 def load_functional_state(la: FunctionalLaplace, state: dict) -> None:
     """Restore ``state`` into ``la`` after checking that it matches ``la``'s settings and model."""
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError("not a marglik.FunctionalLaplace state_dict")
-    for key, value in _settings(la).items():
-        if state[key] != value:
-            raise ValueError(
-                f"state_dict was saved with {key}={state[key]!r}, this posterior has {value!r}")
-    _check_subset_specification(la, state)
-    names, shapes = state["subset"]["names"], state["subset"]["shapes"]
-    params = dict(la.model.named_parameters())
-    for name, shape in zip(names, shapes):
-        if name not in params or list(params[name].shape) != list(shape):
-            raise ValueError(f"state_dict does not match the model: parameter {name!r} with "
-                             f"shape {tuple(shape)} is missing or has another shape")
-    subset = ParameterSubset(names, [torch.Size(s) for s in shapes], state["subset"]["index"])
-    if la.subset is not None:
-        _check_same_subset(la.subset, subset)
-    elif state.get("last_layer_name") is not None:
-        _check_last_layer(la, state["last_layer_name"], names)
+    subset = saved_subset(la, state, FORMAT, _settings(la))
     if state["jacobians"].shape[-1] != subset.size or state["mean"].numel() != subset.size:
         raise ValueError(f"state_dict is inconsistent: its Jacobians or mean do not cover the "
                          f"{subset.size} parameters of its subset")

@@ -15,7 +15,7 @@ curvature and mean.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -69,29 +69,7 @@ def load_laplace_state(la: Laplace, state: dict) -> None:
 
     Tensors move to the device of the model, whichever device they were saved on.
     """
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError("not a marglik.Laplace state_dict")
-    for key, value in _settings(la).items():
-        if state[key] != value:
-            raise ValueError(
-                f"state_dict was saved with {key}={state[key]!r}, this posterior has {value!r}"
-            )
-    _check_subset_specification(la, state)
-    names = state["subset"]["names"]
-    params = dict(la.model.named_parameters())
-    for name, shape in zip(names, state["subset"]["shapes"]):
-        if name not in params or list(params[name].shape) != list(shape):
-            raise ValueError(
-                f"state_dict does not match the model: parameter {name!r} with shape "
-                f"{tuple(shape)} is missing or has another shape"
-            )
-    subset = ParameterSubset(
-        names, [torch.Size(s) for s in state["subset"]["shapes"]], state["subset"]["index"]
-    )
-    if la.subset is not None:
-        _check_same_subset(la.subset, subset)
-    elif state.get("last_layer_name") is not None:  # last layer not found yet: the saved one
-        _check_last_layer(la, state["last_layer_name"], names)
+    subset = saved_subset(la, state, FORMAT, _settings(la))
     H = block_from_state_dict(state["H"])
     sizes = {"the curvature": H.size, "the mean": state["mean"].numel()}
     if state.get("tangent") is not None:
@@ -116,6 +94,37 @@ def load_laplace_state(la: Laplace, state: dict) -> None:
     la.H = H.to(device)
     if state.get("last_layer_name") is not None and la.subset_of_weights == "last_layer":
         la.last_layer_name = state["last_layer_name"]
+
+
+def saved_subset(la: Any, state: dict, fmt: str, settings: dict) -> ParameterSubset:
+    """The parameter subset of a posterior's ``state`` after checking it against ``la``: its
+    ``format`` is ``fmt``, it was saved with the same ``settings`` and subset specification,
+    and its parameters exist in ``la.model`` with their shapes (shared by every posterior's
+    ``load_state_dict``)."""
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"not a {fmt.split('/')[0]} state_dict")
+    for key, value in settings.items():
+        if state[key] != value:
+            raise ValueError(
+                f"state_dict was saved with {key}={state[key]!r}, this posterior has {value!r}"
+            )
+    _check_subset_specification(la, state)
+    names = state["subset"]["names"]
+    params = dict(la.model.named_parameters())
+    for name, shape in zip(names, state["subset"]["shapes"]):
+        if name not in params or list(params[name].shape) != list(shape):
+            raise ValueError(
+                f"state_dict does not match the model: parameter {name!r} with shape "
+                f"{tuple(shape)} is missing or has another shape"
+            )
+    subset = ParameterSubset(
+        names, [torch.Size(s) for s in state["subset"]["shapes"]], state["subset"]["index"]
+    )
+    if la.subset is not None:
+        _check_same_subset(la.subset, subset)
+    elif state.get("last_layer_name") is not None:  # last layer not found yet: the saved one
+        _check_last_layer(la, state["last_layer_name"], names)
+    return subset
 
 
 def _check_subset_specification(la: Laplace, state: dict) -> None:
