@@ -149,3 +149,45 @@ def test_block_diagonal_layout():
     w = v.clone()
     w[:2] += 1.0
     assert_close(bd.solve(v, 1.0, 0.5)[2:], bd.solve(w, 1.0, 0.5)[2:], **TOL)
+
+
+@pytest.fixture
+def nan_single_precision_eigh(monkeypatch):
+    """LAPACK as seen with MKL on an exactly singular float32 factor: NaN in float32 only."""
+    originals = {name: getattr(torch.linalg, name) for name in ("eigh", "eigvalsh")}
+
+    def poisoned(name):
+        def decompose(M):
+            out = originals[name](M)
+            if M.dtype != torch.float32:
+                return out
+            if name == "eigvalsh":
+                return torch.full_like(out, float("nan"))
+            return type(out)((out[0], torch.full_like(out[1], float("nan"))))
+        return decompose
+
+    for name in originals:
+        monkeypatch.setattr(torch.linalg, name, poisoned(name))
+
+
+@pytest.mark.usefixtures("nan_single_precision_eigh")
+def test_a_non_finite_float32_eigendecomposition_is_redone_in_float64():
+    G, A = _spd(2, 1), _spd(3, 2)
+    A[0], A[:, 0] = 0.0, 0.0  # exactly singular, as a factor with always-zero inputs
+    expected = torch.logdet(torch.kron(G, A) + 0.5 * torch.eye(6, dtype=torch.float64))
+    for block, reference in [(Kronecker(G.float(), A.float()), expected),
+                             (Dense(torch.kron(G, A).float()), expected)]:
+        got = block.logdet(torch.tensor(1.0), torch.tensor(0.5))
+        assert got.dtype == torch.float32
+        assert_close(got.double(), reference, rtol=1e-5, atol=0)
+    evals, evecs = Kronecker(G.float(), A.float()).eig()[2:]
+    assert evals.dtype == torch.float32 and bool(torch.isfinite(evecs).all())
+
+
+def test_an_eigendecomposition_of_non_finite_entries_names_the_problem():
+    from marglik.structures.base import sym_eigh
+
+    M = _spd(3, 0)
+    M[1, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite entries"):
+        sym_eigh(M)

@@ -41,6 +41,7 @@ from marglik.posterior.kernel_data import (
 )
 from marglik.posterior.prior import Prior, check_precision
 from marglik.posterior.samples import sample_outputs
+from marglik.structures.base import sym_eigvalsh
 
 __all__ = ["FunctionalLaplace"]
 
@@ -295,7 +296,7 @@ class FunctionalLaplace(Posterior):
             with torch.no_grad():
                 one = torch.ones((), dtype=self._gram.dtype, device=self._gram.device)
                 _, A, _ = self._evidence_matrix(one, None, unit=True)
-                self._eigenvalues = torch.linalg.eigvalsh(0.5 * (A + A.T)).clamp_min(0)
+                self._eigenvalues = sym_eigvalsh(A)
         return self._eigenvalues
 
     def _cached_factors(self) -> tuple[Tensor | None, Tensor, Tensor]:

@@ -14,6 +14,7 @@ from marglik.structures.base import (
     check_scale,
     check_square,
     sym_eigh,
+    sym_eigvalsh,
 )
 
 __all__ = ["Dense"]
@@ -83,7 +84,7 @@ class Dense(CurvatureBlock):
             return self._eig_cache[0]
         if self._evals_cache is not None:
             return self._evals_cache
-        evals = torch.linalg.eigvalsh(0.5 * (self.H + self.H.mT)).clamp(min=0)
+        evals = sym_eigvalsh(self.H)
         if not self.H.requires_grad:
             self._evals_cache = evals
         return evals

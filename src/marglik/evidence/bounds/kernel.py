@@ -43,6 +43,7 @@ from marglik.evidence.bounds.partitions import check_partitions
 from marglik.evidence.bounds.rows import function_space_rows, parameter_blocks
 from marglik.evidence.laplace import laplace_log_evidence
 from marglik.likelihoods.gaussian import check_sigma
+from marglik.structures.base import sym_eigvalsh
 
 if TYPE_CHECKING:
     from marglik.posterior.laplace import Laplace
@@ -85,7 +86,7 @@ def gram_eigenvalues(rows: Tensor) -> Tensor:
     """Eigenvalues of R Rᵀ (= the non-zero ones of Rᵀ R) from the smaller Gram matrix,
     clamped at 0: (..., min(r, p)) for rows R (..., r, p)."""
     gram = rows @ rows.mT if rows.shape[-2] <= rows.shape[-1] else rows.mT @ rows
-    return torch.linalg.eigvalsh(gram).clamp_min(0)
+    return sym_eigvalsh(gram)
 
 
 class KernelBound:
