@@ -110,6 +110,7 @@ def build(net: str, classes: int, fc_init: str = "default") -> nn.Module:
         for module in model.modules():
             if isinstance(module, SoftEquivariantConv2d):
                 nn.init.zeros_(module.fc.v.weight)
+                nn.init.zeros_(module.fc.v.bias)
     return model
 
 
