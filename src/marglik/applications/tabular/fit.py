@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,25 @@ def _batches(X: Tensor, y: Tensor, seed: int) -> Any:
     data = torch.utils.data.TensorDataset(X, y)
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(data, batch_size=BATCH_SIZE, shuffle=True, generator=g)
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` inside the block, restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _initial_network(n_in: int, hidden: Sequence[int], n_out: int, dtype: torch.dtype) -> Any:
+    """The network with its initial weights drawn in float32 and cast to ``dtype``, so that a
+    seed gives the same weights whatever the dtype."""
+    with default_dtype(torch.float32):
+        model = build_network(n_in, hidden, n_out)
+    return model.to(dtype)
 
 
 def check_table(table: Table, source: str | None = None) -> None:
@@ -125,6 +145,7 @@ def train_table(
     progress: bool = False,
     callback: Callable[[int, dict], None] | None = None,
     source: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[TabularModel, dict[str, Any]]:
     """Standardise ``table`` and train the MLP by online evidence maximisation.
 
@@ -137,6 +158,8 @@ def train_table(
         hidden, epochs, evidence_every, lr, seed, progress, source: as in :func:`fit_table`.
         callback: called as ``callback(epoch, history)`` after every epoch (0-based epoch;
             ``history`` is :func:`marglik.marglik_training`'s), e.g. to print progress lines.
+        dtype: floating dtype of the network and the data (``torch.float32`` or
+            ``torch.float64``; stored in the config as ``"dtype"``).
 
     Returns:
         The model and the training summary (the ``"training"`` entry of ``report.json``:
@@ -148,17 +171,20 @@ def train_table(
     classification = table.task == "classification"
     epochs, every, full_batch = default_budget(len(table.X), epochs, evidence_every)
 
-    with torch.random.fork_rng(devices=[]):
+    if dtype not in (torch.float32, torch.float64):
+        raise MarglikError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    # the caller's default dtype would change the hyperparameters' dtype: training runs in dtype
+    with torch.random.fork_rng(devices=[]), default_dtype(dtype):
         torch.manual_seed(seed)
-        x_scaler = Standardizer().fit(table.X)
-        X = x_scaler.transform(table.X)
+        x_scaler = Standardizer().fit(table.X.to(dtype))
+        X = x_scaler.transform(table.X.to(dtype))
         y_scaler = None
         if classification:
             y, n_out, likelihood = table.y, len(table.classes), "classification"
         else:
-            y_scaler = Standardizer().fit(table.y)
-            y, n_out, likelihood = y_scaler.transform(table.y), 1, "regression"
-        model = build_network(X.shape[1], hidden, n_out)
+            y_scaler = Standardizer().fit(table.y.to(dtype))
+            y, n_out, likelihood = y_scaler.transform(table.y.to(dtype)), 1, "regression"
+        model = _initial_network(X.shape[1], hidden, n_out, dtype)
         batches = _batches(X, y, seed)
         start = time.perf_counter()
         la, _, history = marglik_training(
@@ -192,6 +218,8 @@ def train_table(
         "subset_of_weights": "all",
         "hessian_structure": "kron",
     }
+    if dtype != torch.float32:
+        config["dtype"] = str(dtype).removeprefix("torch.")
     training = {
         "epochs": epochs,
         "evidence_every": every,

@@ -86,7 +86,7 @@ class TabularModel:
     def predict(self, X: Tensor) -> TabularPrediction:
         """GLM predictive for raw (unstandardised) features ``X`` of shape (N, D)."""
         la = self.laplace
-        X = self.x_scaler.transform(X)
+        X = self.x_scaler.transform(torch.as_tensor(X).to(self.x_scaler.mean.dtype))
         if self.task == "classification":
             probs = class_probabilities(la, X)
             classes = self.config["classes"]
@@ -119,8 +119,11 @@ class TabularModel:
     def from_state(cls, state: dict[str, Any]) -> TabularModel:
         """Rebuild a model from :meth:`state` (errors come from torch / the posterior)."""
         config = state["config"]
+        dtype = {"float32": torch.float32, "float64": torch.float64}[
+            config.get("dtype", "float32")
+        ]
         model = build_network(len(config["features"]), config["hidden"], config["n_outputs"])
-        model.load_state_dict(state["model"])
+        model.to(dtype).load_state_dict(state["model"])
         scalers = state["scalers"]
         x_scaler = Standardizer.from_state_dict(scalers["x"])
         y_scaler = Standardizer.from_state_dict(scalers["y"]) if "y" in scalers else None
