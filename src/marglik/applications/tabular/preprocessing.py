@@ -91,7 +91,7 @@ class Column:
         index = {c: k for k, c in enumerate(self.categories)}
         idx = torch.tensor([index.get(c, -1) for c in cells], dtype=torch.long)
         known = idx >= 0
-        onehot = torch.zeros(len(cells), len(self.categories))
+        onehot = torch.zeros(len(cells), len(self.categories), dtype=torch.float32)
         onehot[known.nonzero().squeeze(1), idx[known]] = 1.0
         return onehot, int((~known).sum())
 
