@@ -18,7 +18,7 @@ from marglik.applications.tabular.estimators import (
 
 torch.set_num_threads(1)
 
-SMALL = {"hidden_layer_sizes": (16,), "epochs": 60, "evidence_every": 20, "lr": 0.03}
+SMALL = {"hidden_layer_sizes": (16,), "epochs": 40, "evidence_every": 20, "lr": 0.03}
 
 
 @parametrize_with_checks(
