@@ -56,6 +56,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if kind.fit is None:
         raise CLIError(f"--model {args.model} is not available yet in this version of marglik")
     torch.set_num_threads(opts.threads)
+    if not args.quiet:  # reading a large file takes seconds (about 10 s per million cells)
+        print(f"marglik fit: reading {args.data} ...", file=sys.stderr, flush=True)
     prepared = prepare_table(
         args.data, args.target, task=args.task, missing=args.missing,
         categorical=_names(args.categorical), ignore=_names(args.ignore),
