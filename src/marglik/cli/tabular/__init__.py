@@ -43,6 +43,16 @@ from marglik.cli.tabular.models import MODEL_KINDS, kind_of_folder
 from marglik.cli.tabular.options import check_fit_options, check_threads, combination_warnings
 from marglik.cli.tabular.progress import ProgressLines, progress_bar_wanted
 
+#: files larger than this (bytes) get a "reading ..." line before they are read
+LARGE_FILE = 5_000_000
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
 
 def _names(text: str | None) -> list[str]:
     """``"a,b"`` → ``["a", "b"]`` (for --categorical / --ignore)."""
@@ -56,7 +66,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if kind.fit is None:
         raise CLIError(f"--model {args.model} is not available yet in this version of marglik")
     torch.set_num_threads(opts.threads)
-    if not args.quiet:  # reading a large file takes seconds (about 10 s per million cells)
+    if not args.quiet and _size(args.data) > LARGE_FILE:  # ~10 s per million cells
         print(f"marglik fit: reading {args.data} ...", file=sys.stderr, flush=True)
     prepared = prepare_table(
         args.data, args.target, task=args.task, missing=args.missing,
