@@ -190,7 +190,8 @@ def case_predict_missing_feature_column(folder, model_dir):
 def case_predict_nan_feature(folder, model_dir):
     rows = [r[:3] for r in regression_rows(5)]
     rows[2][1] = "NaN"
-    return ["predict", model_dir, _features_csv(folder, rows)], ["1 empty, NaN", "'x2' line 4"]
+    args = ["predict", model_dir, _features_csv(folder, rows)]
+    return args, ["1 empty or NaN", "'x2' (1)", "line(s) 4"]
 
 
 def case_predict_text_feature(folder, model_dir):

@@ -24,8 +24,11 @@ __all__ = [
     "DataError",
     "MAX_CLASSES",
     "MIN_ROWS",
+    "MISSING_TOKENS",
     "Standardizer",
     "Table",
+    "encode_target",
+    "parse_float",
     "read_csv_rows",
     "read_table",
 ]
@@ -35,7 +38,9 @@ MIN_ROWS = 10
 #: An integer-valued target with at most this many distinct values is read as class labels.
 MAX_CLASSES = 20
 
-_MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
+#: Cells read as missing (compared in lower case, after stripping): empty, NA, NaN, null, ...
+MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
+_MISSING_TOKENS = MISSING_TOKENS
 _TASKS = ("classification", "regression")
 _MAX_LISTED = 3
 
@@ -80,7 +85,7 @@ def _fmt_list(items: Sequence, limit: int = _MAX_LISTED) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _parse_float(token: str) -> float | None:
+def parse_float(token: str) -> float | None:
     """Float value of ``token``; None when it is not a number."""
     try:
         return float(token)
@@ -129,6 +134,35 @@ def read_csv_rows(
     if dupes:
         raise DataError(f"{str(p)!r}: duplicate column name(s) {dupes}")
     return names, rows, lines
+
+
+def encode_target(
+    values: Sequence[float | None], cells: Sequence[str], task: str | None
+) -> tuple[Tensor, str, list[int | float | str] | None]:
+    """``(y, task, classes)`` of a target column without missing cells (:func:`read_table`'s rule).
+
+    ``values`` are the parsed cells (None where not a number), ``cells`` the stripped text. With
+    ``task=None`` the target is classification when every value is an integer and there are at
+    most :data:`MAX_CLASSES` of them, or when any cell is not a number; else regression. Class
+    labels are sorted and mapped to ``0..K-1`` (ints for integer labels); y is int64 (N,) for
+    classification, float32 (N, 1) for regression. The caller rejects non-numeric regression
+    targets.
+    """
+    if all(v is not None for v in values):
+        raw: list = list(values)
+        integer = all(float(v).is_integer() for v in raw)
+        if task is None:
+            task = "classification" if integer and len(set(raw)) <= MAX_CLASSES else "regression"
+        if task == "classification" and integer:
+            raw = [int(v) for v in raw]
+    else:
+        raw = list(cells)
+        task = "classification"
+    if task == "regression":
+        return torch.tensor(raw, dtype=torch.float32).reshape(-1, 1), task, None
+    classes = sorted(set(raw))
+    index = {c: k for k, c in enumerate(classes)}
+    return torch.tensor([index[v] for v in raw], dtype=torch.long), task, classes
 
 
 def read_table(
@@ -187,7 +221,7 @@ def read_table(
     for row, line in zip(cells, lines, strict=True):
         row_missing = False
         for j, c in enumerate(row):
-            v = _parse_float(c)
+            v = parse_float(c)
             if c.lower() in _MISSING_TOKENS or (v is not None and math.isnan(v)):
                 missing_cols[names[j]] = missing_cols.get(names[j], 0) + 1
                 row_missing = True
@@ -202,7 +236,7 @@ def read_table(
         )
 
     # Non-numeric values: features always; the target only for regression.
-    values: list[list[float | None]] = [[_parse_float(c) for c in row] for row in cells]
+    values: list[list[float | None]] = [[parse_float(c) for c in row] for row in cells]
     target_numeric = all(v[t_idx] is not None for v in values)
     for j, name in enumerate(names):
         if j == t_idx and (task == "classification" or (task is None and not target_numeric)):
@@ -220,24 +254,8 @@ def read_table(
     X = torch.tensor([[row_vals[j] for j in feat_idx] for row_vals in values],
                      dtype=torch.float32).reshape(len(rows), len(feat_idx))
 
-    if target_numeric:
-        raw: list = [row_vals[t_idx] for row_vals in values]
-        integer = all(float(v).is_integer() for v in raw)
-        if task is None:
-            task = "classification" if integer and len(set(raw)) <= MAX_CLASSES else "regression"
-        if task == "classification" and integer:
-            raw = [int(v) for v in raw]
-    else:
-        raw = [row[t_idx] for row in cells]
-        task = "classification"
-
-    if task == "regression":
-        y = torch.tensor(raw, dtype=torch.float32).reshape(-1, 1)
-        classes = None
-    else:
-        classes = sorted(set(raw))
-        index = {c: k for k, c in enumerate(classes)}
-        y = torch.tensor([index[v] for v in raw], dtype=torch.long)
+    y, task, classes = encode_target([v[t_idx] for v in values],
+                                     [row[t_idx] for row in cells], task)
     return Table(
         X=X,
         y=y,

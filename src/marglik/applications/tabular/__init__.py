@@ -21,12 +21,26 @@ Predictions (:meth:`TabularModel.predict`) use the GLM (linearised) predictive: 
 probabilities by the probit link, regression means and standard deviations in closed form, in the
 target's original units; ``docs/calibration.md`` has the measurements behind these choices.
 
+:class:`LaplaceRegressor` and :class:`LaplaceClassifier`
+(:mod:`~marglik.applications.tabular.estimators`) are the same model as scikit-learn
+estimators; they are imported on first use, so that scikit-learn is needed only for them.
+
 Bad input (a table the model cannot be trained on, a folder that is not a model, a feature file
 that does not match) raises :class:`marglik.errors.MarglikError` with a one-line message.
 """
 
+from typing import Any
+
 from marglik.applications.tabular.features import read_features
-from marglik.applications.tabular.fit import BATCH_SIZE, FULL_BATCH_MAX, check_table, fit_table
+from marglik.applications.tabular.fit import (
+    BATCH_SIZE,
+    FULL_BATCH_MAX,
+    check_budget,
+    check_table,
+    default_budget,
+    fit_table,
+    train_table,
+)
 from marglik.applications.tabular.model import (
     FILES,
     FORMAT,
@@ -43,7 +57,21 @@ __all__ = [
     "TabularModel",
     "TabularPrediction",
     "build_network",
+    "check_budget",
     "check_table",
+    "default_budget",
     "fit_table",
     "read_features",
+    "train_table",
 ]
+
+_ESTIMATORS = ("LaplaceClassifier", "LaplaceRegressor")
+
+
+def __getattr__(name: str) -> Any:
+    """The scikit-learn estimators, imported on first use (scikit-learn is optional)."""
+    if name in _ESTIMATORS:
+        from marglik.applications.tabular import estimators
+
+        return getattr(estimators, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -86,7 +86,7 @@ class TabularModel:
     def predict(self, X: Tensor) -> TabularPrediction:
         """GLM predictive for raw (unstandardised) features ``X`` of shape (N, D)."""
         la = self.laplace
-        X = self.x_scaler.transform(X)
+        X = self.x_scaler.transform(torch.as_tensor(X).to(self.x_scaler.mean.dtype))
         if self.task == "classification":
             probs = class_probabilities(la, X)
             classes = self.config["classes"]
@@ -102,6 +102,40 @@ class TabularModel:
             self.task, mean=mean, std_with_noise=std_y, std_without_noise=std_f
         )
 
+    def state(self) -> dict[str, Any]:
+        """Everything the model is, as JSON-able config and plain tensors (no pickled code):
+        ``{"config", "model", "laplace", "scalers"}``; :meth:`from_state` rebuilds it."""
+        scalers = {"x": self.x_scaler.state_dict()}
+        if self.y_scaler is not None:
+            scalers["y"] = self.y_scaler.state_dict()
+        return {
+            "config": dict(self.config),
+            "model": self.laplace.model.state_dict(),
+            "laplace": self.laplace.state_dict(),
+            "scalers": scalers,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TabularModel:
+        """Rebuild a model from :meth:`state` (errors come from torch / the posterior)."""
+        config = state["config"]
+        dtype = {"float32": torch.float32, "float64": torch.float64}[
+            config.get("dtype", "float32")
+        ]
+        model = build_network(len(config["features"]), config["hidden"], config["n_outputs"])
+        model.to(dtype).load_state_dict(state["model"])
+        scalers = state["scalers"]
+        x_scaler = Standardizer.from_state_dict(scalers["x"])
+        y_scaler = Standardizer.from_state_dict(scalers["y"]) if "y" in scalers else None
+        la = Laplace(
+            model,
+            config["likelihood"],
+            subset_of_weights=config["subset_of_weights"],
+            hessian_structure=config["hessian_structure"],
+        )
+        la.load_state_dict(state["laplace"])
+        return cls(config, la, x_scaler, y_scaler)
+
     def save(self, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
         """Write the model folder (``report.json`` only when ``report`` is given)."""
         out = Path(folder)
@@ -109,12 +143,10 @@ class TabularModel:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise MarglikError(f"cannot create model folder {str(out)!r}: {err.strerror}") from None
-        scalers = {"x": self.x_scaler.state_dict()}
-        if self.y_scaler is not None:
-            scalers["y"] = self.y_scaler.state_dict()
-        torch.save(self.laplace.model.state_dict(), out / "model.pt")
-        torch.save(self.laplace.state_dict(), out / "laplace.pt")
-        torch.save(scalers, out / "standardizer.pt")
+        state = self.state()
+        torch.save(state["model"], out / "model.pt")
+        torch.save(state["laplace"], out / "laplace.pt")
+        torch.save(state["scalers"], out / "standardizer.pt")
         (out / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
         if report is not None:
             (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -136,19 +168,12 @@ class TabularModel:
                 f"{path!r} is not a marglik model folder (no valid config.json from 'marglik fit')"
             )
         try:
-            model = build_network(len(config["features"]), config["hidden"], config["n_outputs"])
-            model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-            scalers = torch.load(folder / "standardizer.pt", weights_only=True)
-            x_scaler = Standardizer.from_state_dict(scalers["x"])
-            y_scaler = Standardizer.from_state_dict(scalers["y"]) if "y" in scalers else None
-            la = Laplace(
-                model,
-                config["likelihood"],
-                subset_of_weights=config["subset_of_weights"],
-                hessian_structure=config["hessian_structure"],
-            )
-            la.load_state_dict(torch.load(folder / "laplace.pt", weights_only=True))
+            return cls.from_state({
+                "config": config,
+                "model": torch.load(folder / "model.pt", weights_only=True),
+                "laplace": torch.load(folder / "laplace.pt", weights_only=True),
+                "scalers": torch.load(folder / "standardizer.pt", weights_only=True),
+            })
         except Exception as err:  # any broken or foreign file: one line, not a traceback
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise MarglikError(f"{path!r} is not a loadable marglik model: {reason}") from None
-        return cls(config, la, x_scaler, y_scaler)
