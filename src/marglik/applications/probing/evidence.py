@@ -38,8 +38,8 @@ from marglik.training import marglik_training
 
 __all__ = ["ProbeResult", "probe_evidence"]
 
-#: data sets up to this many rows are trained in one full batch by default
-FULL_BATCH_MAX = 1024
+#: default mini-batch size (data sets up to this many rows are one full batch)
+BATCH_SIZE = 128
 
 
 @dataclass
@@ -138,7 +138,7 @@ def probe_evidence(
     width: int = 128,
     n_epochs: int = 100,
     batch_size: int | None = None,
-    lr: float = 1e-3,
+    lr: float = 1e-2,
     lr_hyp: float = 0.1,
     n_hypersteps: int = 50,
     marglik_frequency: int = 5,
@@ -165,8 +165,8 @@ def probe_evidence(
         level, pairs, mask, ignore_index, pair_combine: how rows and labels are formed
             (:func:`~marglik.applications.probing.inputs.probe_inputs`).
         width: hidden units of the MLP probes (unless a family sets its own).
-        n_epochs, batch_size, lr: θ's Adam training (batch default: full batch up to
-            ``FULL_BATCH_MAX`` = 1024 rows, else 256).
+        n_epochs, batch_size, lr: θ's Adam training (default batches of ``BATCH_SIZE`` = 128
+            rows, shuffled; one full batch for fewer rows).
         lr_hyp, n_hypersteps, marglik_frequency, n_epochs_burnin, prior_prec_init: the
             evidence updates of :func:`marglik.marglik_training`.
         standardize: standardise each feature column by its mean and standard deviation over
@@ -213,7 +213,7 @@ def probe_evidence(
     standardizer = Standardizer().fit(X) if standardize else None
     X = X if standardizer is None else standardizer.transform(X)
     if batch_size is None:
-        batch_size = len(X) if len(X) <= FULL_BATCH_MAX else 256
+        batch_size = BATCH_SIZE
 
     log_evidence: dict[str, float] = {}
     out: dict[str, dict] = {"probes": {}, "posteriors": {}, "histories": {}, "seconds": {}}
