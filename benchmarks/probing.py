@@ -162,10 +162,11 @@ def text_representations(seed: int) -> dict[str, Split]:
 
 def wide_mlp_accuracy(Xtr, ytr, Xte, yte, seed: int) -> tuple[float, float]:
     """(train, test) accuracy of a wide MLP probe on standardised features."""
+    import warnings
+
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
     from sklearn.preprocessing import StandardScaler
-    import warnings
 
     scaler = StandardScaler().fit(Xtr)
     clf = MLPClassifier((1024,), alpha=1e-4, max_iter=300, random_state=seed)
