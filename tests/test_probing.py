@@ -167,6 +167,8 @@ def test_sentence_level_rows_average_the_masked_tokens():
     torch.testing.assert_close(X, expected, rtol=1e-14, atol=1e-14)
     X_all, _ = probe_inputs(H.numpy(), np.array([0, 1, 0, 1]), "sentence")
     torch.testing.assert_close(X_all, H.mean(1), rtol=1e-14, atol=1e-14)
+    X_half, _ = probe_inputs(H.half().requires_grad_(), [0, 1, 0, 1], "sentence")
+    assert X_half.dtype == torch.float32 and not X_half.requires_grad
 
 
 def test_pair_level_probe_end_to_end():

@@ -46,7 +46,9 @@ def _features(features: Any) -> Tensor:
         raise TypeError(f"features must be floating point, got {features.dtype}")
     if features.numel() and not bool(torch.isfinite(features).all()):
         raise ValueError("features contain NaN or infinite values")
-    return features
+    if features.dtype in (torch.float16, torch.bfloat16):  # probes train in float32 at least
+        features = features.float()
+    return features.detach()
 
 
 def _labels(labels: Any) -> Tensor | np.ndarray:
