@@ -123,6 +123,12 @@ def test_result_accessors():
     Xs = (X - X.mean(0)) / X.std(0, correction=0)
     expected = torch.softmax(res.probes[res.best](Xs), -1)
     torch.testing.assert_close(probs, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(res.predict_proba(X.numpy(), "linear-diag-layerwise"),
+                               torch.softmax(res.probes["linear-diag-layerwise"](Xs), -1).detach())
+    with pytest.raises(ValueError, match=r"X must have shape \(M, 3\)"):
+        res.predict_proba(X[:, :2])
+    with pytest.raises(ValueError, match="no probe family 'mlp1'"):
+        res.predict_proba(X, "mlp1")
 
 
 # ---- rows at sentence, token and pair level --------------------------------------------------

@@ -99,14 +99,24 @@ class ProbeResult:
         return X if self.standardizer is None else self.standardizer.transform(X)
 
     def predict_proba(self, X: Tensor, family: str | None = None) -> Tensor:
-        """Class probabilities (M, C) of ``family``'s probe (default: the best) at its mode."""
+        """Class probabilities (M, C) of ``family``'s probe (default: the best) at its mode, for
+        rows X (M, D') formed like the training rows (tensor or array)."""
         name = self.best if family is None else family
         if name not in self.probes:
             raise ValueError(f"no probe family {name!r} in this result: {list(self.probes)}")
         probe = self.probes[name]
-        param = next(probe.parameters())
+        X = torch.as_tensor(X, dtype=next(probe.parameters()).dtype)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"X must have shape (M, {self.n_features}) like the probe rows, got "
+                             f"{tuple(X.shape)}")
         with torch.no_grad():
-            return torch.softmax(probe(self.transform(X.to(param.dtype))), dim=-1)
+            return torch.softmax(probe(self.transform(X)), dim=-1)
+
+    @property
+    def n_features(self) -> int:
+        """D', the width of the probe rows."""
+        first = next(iter(self.probes.values()))
+        return next(first.parameters()).shape[1]
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
