@@ -9,14 +9,16 @@ the Laplace evidence (MacKay 1992; Immer et al., ICML 2021) of probe family F (a
 posterior structure of the GGN H, prior structure of δ) at its mode θ*, with θ* and δ found
 jointly by online evidence maximisation (:func:`marglik.marglik_training`). Unlike held-out
 accuracy, the evidence charges an expressive probe for its complexity, so a random
-representation cannot "win" through a probe that memorises, and random labels score lowest.
+representation cannot "win" through a probe that memorises, and random labels should score
+near log p(y) of the class frequencies (families with a per-parameter prior and P ≫ N can
+over-fit the evidence and exceed it: ``docs/probing.md``).
 
 The families are trained one after another, not stacked into one batched network: each has its
 own architecture, curvature structure and prior structure, and :func:`marglik.marglik_training`
 keeps the state with the best evidence of the model it trains, so stacked probes would share
 one "best epoch" (the best sum) and each would get a different answer than when trained alone.
-On small probes the work per family is a few hundred small matrix products per epoch; stacking
-would save Python overhead only (see ``docs/probing.md``).
+Stacking would mainly save per-batch overhead on small probes (not measured; see
+``docs/probing.md``).
 """
 
 from __future__ import annotations
