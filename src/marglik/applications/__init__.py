@@ -9,6 +9,8 @@
   ``causal`` extra (scikit-learn, scipy).
 - :mod:`~marglik.applications.tabular` — MLPs on CSV tables with the evidence choosing the
   hyperparameters (what ``marglik fit`` and ``marglik predict`` run).
+- :mod:`~marglik.applications.probing` — evidence-based probing of frozen representations
+  (Immer et al., ACL 2022): :func:`~marglik.applications.probing.probe_evidence`.
 
 New applications go here too. Nothing is imported by this package itself, so importing one
 application does not load the others (or their optional dependencies).
