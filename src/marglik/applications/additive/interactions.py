@@ -38,11 +38,12 @@ def correlation_mutual_information(cov: Tensor, eps: float = 1e-12) -> Tensor:
     """Mutual information −½ log(1 − ρ²) of every pair of jointly Gaussian variables.
 
     Args:
-        cov: covariances (..., G, G).
+        cov: covariances (..., G, G) (symmetrised first, against round-off).
 
     Returns:
-        (..., G, G), zero on the diagonal.
+        (..., G, G), symmetric, zero on the diagonal.
     """
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
     std = cov.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
     rho = cov / (std[..., :, None] * std[..., None, :]).clamp_min(eps)
     rho2 = rho.square().clamp(max=1 - eps)
