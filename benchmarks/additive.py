@@ -120,7 +120,8 @@ def run_synthetic(args) -> None:
                 imp = (1 / delta) / (1 / delta).sum()
                 fig = plot_shape_functions(
                     g, mean, std, Xn[:300], [f"x{d}" for d in range(10)],
-                    truth=[(lambda t, d=d: np.interp(t, g[:, d], truth[:, d])) for d in range(10)],
+                    truth=[(lambda t, d=d, g=g, tr=truth: np.interp(t, g[:, d], tr[:, d]))
+                           for d in range(10)],
                     importances=imp)
                 fig.savefig(os.path.join(args.figure, f"additive_synthetic_n{n}.png"), dpi=70)
 
@@ -190,7 +191,7 @@ def run_uci(args) -> None:
             sched = schedule(n, args.steps, args.batch_size, args.min_epochs, args.updates)
             base = dict(exp="uci", set=name, split=split, n_train=n, **sched)
 
-            def report(method, mean, var, seconds, **extra):
+            def report(method, mean, var, seconds, base=base, yt=yt, ys=ys, **extra):
                 emit(dict(base, method=method, rmse=float(np.sqrt(np.mean((mean - yt) ** 2))) * ys,
                           ll=gauss_ll(mean, var, yt) - math.log(ys), seconds=round(seconds, 1),
                           **extra), args.out)
