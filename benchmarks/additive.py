@@ -34,6 +34,7 @@ python-utils`` and ``PYTHONPATH=src:/tmp/lanam-pygam``; without it ``gam`` rows 
         --out benchmarks/additive-results.jsonl
     PYTHONPATH=src:/tmp/lanam-pygam nice python benchmarks/additive.py classification \
         --seeds 0 1 2 3 4 --out benchmarks/additive-results.jsonl
+    python benchmarks/additive.py table --out benchmarks/additive-results.jsonl   # Markdown
 """
 
 from __future__ import annotations
@@ -275,9 +276,55 @@ def run_classification(args) -> None:
                       ece=float(ece(pt, yt)), seconds=round(seconds, 1)), args.out)
 
 
+def tables(path: str) -> None:
+    """Markdown tables (mean ± standard error over seeds / splits) from a JSON-lines file."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+
+    def ms(v):
+        v = np.asarray(v, dtype=float)
+        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+        return f"{v.mean():.3f} ± {se:.3f}"
+
+    syn = [r for r in rows if r["exp"] == "synthetic"]
+    if syn:
+        print("| N | runs | min noise δ / max informative δ | shape RMSE (informative) | "
+              "95 % band coverage (informative / noise) | test RMSE | σ | s per fit |")
+        print("|---|---|---|---|---|---|---|---|")
+        for n in sorted({r["n"] for r in syn}):
+            rs = [r for r in syn if r["n"] == n]
+            ratios = ", ".join(f"{r['ratio_noise_informative']:.1f}" for r in rs)
+            print(f"| {n} | {len(rs)} | {ratios}"
+                  f" | {ms([r['shape_rmse_informative'] for r in rs])} | "
+                  f"{ms([r['coverage_informative'] for r in rs])} / "
+                  f"{ms([r['coverage_noise'] for r in rs])} | {ms([r['test_rmse'] for r in rs])} | "
+                  f"{ms([r['sigma'] for r in rs])} | {ms([r['seconds'] for r in rs])} |")
+    uci = [r for r in rows if r["exp"] == "uci"]
+    if uci:
+        methods = [m for m in ["lanam", "lanam_int", "nam", "mlp", "hgb", "gam"]
+                   if any(r["method"] == m for r in uci)]
+        for metric in ("ll", "rmse", "seconds"):
+            print(f"\n{metric}\n\n| set | splits | " + " | ".join(methods) + " |")
+            print("|---|---|" + "---|" * len(methods))
+            for name in dict.fromkeys(r["set"] for r in uci):
+                cells = []
+                for m in methods:
+                    v = [r[metric] for r in uci if r["set"] == name and r["method"] == m]
+                    cells.append(ms(v) if v else "—")
+                n_splits = len({r["split"] for r in uci if r["set"] == name})
+                print(f"| {name} | {n_splits} | " + " | ".join(cells) + " |")
+    cls = [r for r in rows if r["exp"] == "classification"]
+    if cls:
+        print("\n| method | runs | accuracy | NLL | ECE | s per fit |\n|---|---|---|---|---|---|")
+        for m in dict.fromkeys(r["method"] for r in cls):
+            rs = [r for r in cls if r["method"] == m]
+            print(f"| {m} | {len(rs)} | {ms([r['accuracy'] for r in rs])} | "
+                  f"{ms([r['nll'] for r in rs])} | {ms([r['ece'] for r in rs])} | "
+                  f"{ms([r['seconds'] for r in rs])} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("experiment", choices=["synthetic", "uci", "classification"])
+    p.add_argument("experiment", choices=["synthetic", "uci", "classification", "table"])
     p.add_argument("--n", type=int, nargs="+", default=[500, 5000])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sets", nargs="+", default=UCI_SETS)
@@ -292,6 +339,9 @@ def main() -> None:
     p.add_argument("--figure", default=None, help="folder for the synthetic shape plots")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = p.parse_args()
+    if args.experiment == "table":  # Markdown tables from --out
+        tables(args.out)
+        return
     torch.set_num_threads(1)
     if args.figure:
         import matplotlib
