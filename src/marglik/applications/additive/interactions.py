@@ -22,16 +22,20 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.func import jacrev
 
-from marglik.applications.additive.shapes import contributions_at
+from marglik.applications.additive.model import AdditiveNet
 from marglik.posterior import Laplace
 
 if TYPE_CHECKING:
     from marglik.applications.additive.fit import AdditiveFit
 
-__all__ = ["correlation_mutual_information", "last_layer_posterior", "pair_mutual_information",
-           "top_pairs"]
+__all__ = [
+    "correlation_mutual_information",
+    "last_layer_jacobian",
+    "last_layer_posterior",
+    "pair_mutual_information",
+    "top_pairs",
+]
 
 
 def correlation_mutual_information(cov: Tensor, eps: float = 1e-12) -> Tensor:
@@ -70,6 +74,25 @@ def last_layer_posterior(fit: AdditiveFit, X: Tensor, y: Tensor) -> Laplace:
     return la
 
 
+def last_layer_jacobian(model: AdditiveNet, X: Tensor) -> Tensor:
+    """∂f_g(x_n)[0] / ∂(last-layer weights of all feature subnetworks), (N, D, D·C·H).
+
+    f_g = W_g φ_g(x) + b_g with W_g (C, H) row-major in θ, so the row of f_g[0] is φ_g(x) in
+    the (0, :) entries of block g and zero elsewhere (φ_g: the last hidden layer).
+    """
+    feats = model.features
+    h = X.unsqueeze(-1)
+    with torch.no_grad():
+        for layer in feats.layers[:-1]:
+            h = feats.act(layer(h))
+    n, d, hidden = h.shape
+    c = feats.widths[-1]
+    J = h.new_zeros(n, d, d, c, hidden)
+    idx = torch.arange(d)
+    J[:, idx, idx, 0] = h
+    return J.reshape(n, d, d * c * hidden)
+
+
 def pair_mutual_information(fit: AdditiveFit, X: Tensor, y: Tensor) -> Tensor:
     """Mean posterior mutual information of every feature pair, (D, D), symmetric.
 
@@ -79,14 +102,7 @@ def pair_mutual_information(fit: AdditiveFit, X: Tensor, y: Tensor) -> Tensor:
     """
     model = fit.model
     la = last_layer_posterior(fit, X, y)
-    names = model.features.last_layer_names("features.")
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def channel0(last: dict[str, Tensor]) -> Tensor:
-        return contributions_at(model, {**params, **last}, X)[:, : model.n_features, 0]
-
-    jac = jacrev(channel0)({n: params[n] for n in names})
-    J = torch.cat([jac[n].flatten(2) for n in names], dim=2).to(la.mean.dtype)  # (N, D, P_ll)
+    J = last_layer_jacobian(model, X).to(la.mean.dtype)  # (N, D, P_ll)
     cov = J @ la.posterior_covariance.to(J) @ J.transpose(1, 2)  # (N, D, D)
     return correlation_mutual_information(cov).mean(0)
 

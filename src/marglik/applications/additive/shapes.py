@@ -81,17 +81,24 @@ class _Contributions(torch.nn.Module):
 
 
 def _jacobian(model: AdditiveNet, x: Tensor, x_ref: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Centred contributions (M, G, C) and the Jacobian of their sum over g, (M, C, P)."""
+    """Centred contributions (M, G, C) and the Jacobian of their sum over g, (M, C, P).
+
+    J(x) − mean_n J(x_n): the grid Jacobian (M·C rows through M inputs) minus the Jacobian of
+    the reference mean (C rows through N inputs), so memory does not grow with M·N.
+    """
     params = {n: p.detach() for n, p in model.named_parameters()}
 
-    def centred_sum(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        c = contributions_at(model, p, x)
-        if x_ref is not None:
-            c = c - contributions_at(model, p, x_ref).mean(0)
+    def summed(p: dict[str, Tensor], inputs: Tensor) -> tuple[Tensor, Tensor]:
+        c = contributions_at(model, p, inputs)
         return c.sum(1), c
 
-    jac, values = jacrev(centred_sum, has_aux=True)(params)
+    jac, values = jacrev(summed, has_aux=True)(params, x)
     J = torch.cat([jac[n].flatten(2) for n in params], dim=2)
+    if x_ref is not None:
+        jac_ref, ref = jacrev(lambda p: tuple(t.mean(0) for t in summed(p, x_ref)),
+                              has_aux=True)(params)
+        J = J - torch.cat([jac_ref[n].flatten(1) for n in params], dim=1)
+        values = values - ref
     return values, J
 
 
