@@ -55,7 +55,7 @@ Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 #: probe dtype per task. Text runs in float64: in float32, mlp2-kron-layerwise on the bag of
 #: words stopped at epoch 85 with a prior precision that was not positive and finite after an
 #: evidence step. The likely cause, MKL's float32 eigendecomposition returning NaN for an
-#: exactly singular KFAC factor (words absent from the training texts), is fixed in
+#: exactly singular KFAC factor (not confirmed for this run), is fixed in
 #: marglik.structures.base.sym_eigh; with it the float32 run completes (log evidence
 #: -3,073.7 against -2,968.5 in float64, seed 0), but the results here were run in float64.
 DTYPES = {"digits": torch.float32, "text": torch.float64}
