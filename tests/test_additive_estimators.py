@@ -132,3 +132,12 @@ def test_plot_shape_functions_draws_bands_truth_and_rug():
     with pytest.raises(ValueError, match="feature_names must have 3 entries"):
         plot_shape_functions(grid, mean, std, feature_names=["a"])
     matplotlib.pyplot.close(fig)
+
+
+def test_the_additive_estimators_are_exported_from_marglik():
+    import marglik
+    from marglik.applications import additive
+
+    assert marglik.LaplaceAdditiveRegressor is additive.LaplaceAdditiveRegressor
+    assert marglik.LaplaceAdditiveClassifier is additive.LaplaceAdditiveClassifier
+    assert {"LaplaceAdditiveRegressor", "LaplaceAdditiveClassifier"} <= set(marglik.__all__)

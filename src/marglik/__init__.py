@@ -5,16 +5,23 @@ from marglik.posterior import FunctionalLaplace, Laplace, Posterior, Prior
 from marglik.training import marglik_training, select_architecture
 
 __version__ = "0.1.0"
-__all__ = ["FunctionalLaplace", "Laplace", "LaplaceClassifier", "LaplaceRegressor", "Posterior",
+__all__ = ["FunctionalLaplace", "Laplace", "LaplaceAdditiveClassifier",
+           "LaplaceAdditiveRegressor", "LaplaceClassifier", "LaplaceRegressor", "Posterior",
            "Prior", "likelihoods", "marglik_training", "select_architecture"]
 
-_ESTIMATORS = ("LaplaceClassifier", "LaplaceRegressor")
+#: the scikit-learn estimators and their modules, imported on first use (scikit-learn is optional)
+_ESTIMATORS = {
+    "LaplaceClassifier": "marglik.applications.tabular.estimators",
+    "LaplaceRegressor": "marglik.applications.tabular.estimators",
+    "LaplaceAdditiveClassifier": "marglik.applications.additive.estimators",
+    "LaplaceAdditiveRegressor": "marglik.applications.additive.estimators",
+}
 
 
 def __getattr__(name: str):
     """The scikit-learn estimators, imported on first use (scikit-learn is optional)."""
     if name in _ESTIMATORS:
-        from marglik.applications.tabular import estimators
+        import importlib
 
-        return getattr(estimators, name)
+        return getattr(importlib.import_module(_ESTIMATORS[name]), name)
     raise AttributeError(f"module 'marglik' has no attribute {name!r}")
