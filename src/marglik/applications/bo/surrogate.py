@@ -21,6 +21,7 @@ from botorch.acquisition.objective import PosteriorTransform
 from botorch.models.model import Model
 from botorch.posteriors.gpytorch import GPyTorchPosterior
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
+from linear_operator import to_linear_operator
 from torch import Tensor, nn
 
 from marglik.applications.bo.fitting import FitSettings, check_data, fit_laplace
@@ -154,6 +155,9 @@ class LaplaceSurrogate(Model):
                 raise ValueError(f"output_indices {bad} out of range for "
                                  f"{self.num_outputs} outputs")
             mean, cov = output_subset(mean, cov, list(output_indices))
+        # lazy: J Σ Jᵀ over more points than weights is singular; gpytorch factorises a
+        # linear operator only when sampling, with its jittered psd_safe_cholesky
+        cov = to_linear_operator(cov)
         if mean.shape[-1] == 1:
             mvn = MultivariateNormal(mean[..., 0], cov)
         else:
