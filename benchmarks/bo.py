@@ -202,7 +202,7 @@ def pitfall() -> None:
         ax.axvspan(0, 1, color="gray", alpha=0.15)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("x (data in the shaded [0, 1])")
-        print(json.dumps({"pitfall": name, "std_at_x=0.5": float(s[400 + 10]),
+        print(json.dumps({"pitfall": name, "std_at_x=0.5": float(s[400]),
                           "std_at_x=-20": float(s[0]), "std_at_x=21": float(s[-1])}))
     axes[0].set_ylabel("mean ± 2 std")
     fig.tight_layout()
