@@ -11,6 +11,7 @@ maximises −f with analytic LogEI (q = 1, 5 restarts, 256 raw samples).
     # laplace-bayesopt lives in its own venv (it needs laplace-torch):
     nice /work/bo-venv/bin/python benchmarks/bo.py --function branin --method lbo ...
     python benchmarks/bo.py --plot results.jsonl        # figures/bo_regret.png
+    python benchmarks/bo.py --table results.jsonl       # Markdown table
     python benchmarks/bo.py --pitfall                   # figures/bo_pitfall.png
 """
 
@@ -168,6 +169,25 @@ def plot(path: str) -> None:
     fig.savefig(FIGURES / "bo_regret.png", dpi=80)
 
 
+def table(path: str) -> None:
+    """Markdown table: per function and method, runs, evaluations, final regret, s/iteration."""
+    rows = [json.loads(line) for line in open(path) if line.startswith('{"function"')]
+    print("| function | method | seeds | evaluations | final simple regret per seed | "
+          "regret after 10 + 15, per seed | mean s / iteration |")
+    print("|---|---|---|---|---|---|---|")
+    for fn in dict.fromkeys(r["function"] for r in rows):
+        for method in ("random", "gp", "lbo", "marglik"):
+            runs = [r for r in rows if r["function"] == fn and r["method"] == method]
+            if not runs:
+                continue
+            regrets = ", ".join(f"{r['regret'][-1]:.3g}" for r in runs)
+            at15 = ", ".join(f"{r['regret'][r['n_init'] + 14]:.3g}" for r in runs
+                             if len(r["regret"]) >= r["n_init"] + 15)
+            secs = sum(r["mean_iter_seconds"] for r in runs) / len(runs)
+            print(f"| {fn} | {method} | {len(runs)} | {runs[0]['n_init']} + "
+                  f"{runs[0]['n_evals']} | {regrets} | {at15} | {secs:.3g} |")
+
+
 def pitfall() -> None:
     """The unbounded-search-space pitfall: the linearised-Laplace std of a ReLU network grows
     linearly away from the data, so an unbounded acquisition runs off to infinity; a GP's std
@@ -220,11 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-evals", type=int, default=100)
     p.add_argument("--plot", help="a JSON-lines file of results to plot")
     p.add_argument("--pitfall", action="store_true")
+    p.add_argument("--table", help="a JSON-lines file of results: print a Markdown table")
     args = p.parse_args(argv)
     if args.plot:
         return plot(args.plot)
     if args.pitfall:
         return pitfall()
+    if args.table:
+        return table(args.table)
     warnings.filterwarnings("ignore")
     for seed in args.seeds:
         print(json.dumps(run(args.function, args.method, seed, args.n_init, args.n_evals)),
