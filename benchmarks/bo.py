@@ -152,8 +152,8 @@ def plot(path: str) -> None:
                 continue
             n = min(len(r) for r in runs)
             R = torch.tensor([r[:n] for r in runs]).clamp_min(1e-6).log10()
-            mean, se = R.mean(0), R.std(0) / math.sqrt(max(R.shape[0], 1)) if len(runs) > 1 \
-                else (R[0], torch.zeros(n))
+            mean = R.mean(0)
+            se = R.std(0) / math.sqrt(R.shape[0]) if R.shape[0] > 1 else torch.zeros(n)
             steps = torch.arange(1, n + 1)
             label = {"gp": "SingleTaskGP", "lbo": "laplace-bayesopt", "marglik": "marglik LA",
                      "random": "random"}[method]
