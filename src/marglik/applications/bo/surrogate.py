@@ -169,7 +169,8 @@ class LaplaceSurrogate(Model):
         """A new surrogate on the old and new observations, warm-started from this one.
 
         The network starts from the current weights and δ, σ from their evidence-tuned
-        values; it trains ``settings.n_epochs_refit`` steps. This model is left unchanged.
+        values; it trains ``settings.n_epochs_refit`` steps on all observations (the output
+        standardisation is recomputed over them). This model is left unchanged.
         X (k, d), Y (k, m) in the original units (batched fantasies are not supported).
         """
         X, Y = check_data(X, Y)
@@ -179,7 +180,8 @@ class LaplaceSurrogate(Model):
                              f"{tuple(X.shape)} and Y {tuple(Y.shape)}")
         new = type(self).__new__(type(self))
         Model.__init__(new)
-        new.settings, new.standardize, new.seed = self.settings, self.standardize, self.seed
+        new.settings = copy.deepcopy(self.settings)
+        new.standardize, new.seed = self.standardize, self.seed
         new.net = copy.deepcopy(self.net)
         sigma = self.laplace.sigma_noise
         new._fit(torch.cat([self.train_inputs, X.to(self.train_inputs)]),
