@@ -41,11 +41,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
+from provenance import commit  # benchmarks/provenance.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -146,15 +146,6 @@ def run(args, task: str, net: str, seed: int) -> dict:
         out["paths"] = {name: {"delta_fc": b.delta_fc, "delta_conv": b.delta_conv}
                         for name, b in equivariance_balance(model, la.prior_precision).items()}
     return out
-
-
-def commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def report(path: str, plot: str | None) -> None:

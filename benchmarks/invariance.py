@@ -39,10 +39,10 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import time
 
 import torch
+from provenance import commit  # benchmarks/provenance.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -160,15 +160,6 @@ def run(args, dataset: str, n: int, net_name: str, method: str) -> dict:
            "hyper_seconds": sum(e["hyper_seconds"] for e in epochs) / len(epochs),
            "total_seconds": total, "load": os.getloadavg()[0], "commit": commit()}
     return out
-
-
-def commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def report(path: str, plot: str | None) -> None:

@@ -32,10 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import time
 
 import torch
+from provenance import commit  # benchmarks/provenance.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -66,15 +66,6 @@ class ClassGroupedBatches:
             batches += list(idx[torch.randperm(len(idx), generator=self.generator)].split(self.m))
         for i in torch.randperm(len(batches), generator=self.generator).tolist():
             yield self.x[batches[i]], self.y[batches[i]]
-
-
-def commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
