@@ -102,8 +102,8 @@ def write_shapes(model: AdditiveTableModel, X: Any, out: Path, importances: list
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return f"  shape functions (±2 std, {model.config['target']} units or logits): " \
-        f"{out}/shapes.png"
+    units = "logits" if model.task == "classification" else f"{model.config['target']!r} units"
+    return f"  shape functions (±2 std bands, {units}): {out}/shapes.png"
 
 
 def fit_additive_kind(
