@@ -15,6 +15,7 @@ from torch.func import functional_call, jacrev
 from marglik.applications.additive.folder import AdditiveTableModel, fit_additive_table
 from marglik.applications.tabular.preprocessing import prepare_table
 from marglik.cli import main
+from marglik.errors import MarglikError
 
 torch.set_num_threads(1)
 
@@ -223,3 +224,23 @@ def test_interactions_warned_for_mlp(data, tmp_path, capsys):
                             "--interactions", "1", "--out", tmp_path / "m")
     assert code == 0
     assert "--interactions does nothing for --model mlp" in err
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"interactions": -1}, "interactions must be an integer of at least 0"),
+    ({"interactions": 4}, "interactions must be at most 3 for 3 features"),
+    ({"hidden": (0,)}, "hidden widths must be positive integers"),
+    ({"epochs": 0}, "epochs must be an integer of at least 1"),
+    ({"lr": float("nan")}, "lr must be a finite number > 0"),
+])
+def test_library_rejects_bad_arguments(data, kwargs, message):
+    table = prepare_table(data["regression"], "y").table
+    args = {"hidden": HIDDEN, "epochs": 2, "evidence_every": 1, **kwargs}
+    with pytest.raises(MarglikError, match=message):
+        fit_additive_table(table, args.pop("hidden"), **args)
+
+
+def test_library_refuses_three_classes(data):
+    table = prepare_table(data["multi"], "k").table
+    with pytest.raises(MarglikError, match="binary classification only.*3 classes"):
+        fit_additive_table(table, HIDDEN, epochs=2, evidence_every=1)

@@ -33,6 +33,7 @@ from torch import Tensor
 from marglik.applications.additive.fit import AdditiveFit, fit_additive, fit_interactions
 from marglik.applications.additive.model import AdditiveNet
 from marglik.applications.additive.shapes import ShapeFunctions, feature_grid, shape_functions
+from marglik.applications.tabular.fit import check_budget
 from marglik.applications.tabular.model import TabularPrediction
 from marglik.data import Standardizer, Table
 from marglik.errors import MarglikError
@@ -213,13 +214,20 @@ def fit_additive_table(
 
     Returns:
         the model and its report (the content of ``report.json``).
+
+    Raises:
+        MarglikError: bad widths, budget, learning rate or ``interactions``; more than two
+            classes.
     """
+    hidden = tuple(check_budget(hidden, epochs, evidence_every, lr))
+    if isinstance(interactions, bool) or not isinstance(interactions, int) or interactions < 0:
+        raise MarglikError(f"interactions must be an integer of at least 0, got {interactions!r}")
     if table.task == "classification" and len(table.classes) != 2:
         raise MarglikError(f"the additive model does binary classification only; target "
                            f"{table.target_name!r} has {len(table.classes)} classes")
     d = table.X.shape[1]
     if interactions > d * (d - 1) // 2:
-        raise MarglikError(f"--interactions must be at most {d * (d - 1) // 2} for {d} features, "
+        raise MarglikError(f"interactions must be at most {d * (d - 1) // 2} for {d} features, "
                            f"got {interactions}")
     x_scaler = Standardizer().fit(table.X.float())
     X = x_scaler.transform(table.X.float())

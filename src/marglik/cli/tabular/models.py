@@ -120,6 +120,10 @@ def fit_additive_kind(
     if table.task == "classification" and len(table.classes) > 2:
         raise CLIError(f"--model additive does binary classification only; target "
                        f"{table.target_name!r} has {len(table.classes)} classes (use --model mlp)")
+    d = table.X.shape[1]
+    if opts.interactions > d * (d - 1) // 2:
+        raise CLIError(f"--interactions must be at most {d * (d - 1) // 2} for {d} features, "
+                       f"got {opts.interactions}")
     epochs, every, _ = default_budget(len(table.X), opts.epochs, opts.evidence_every)
     model, report = fit_additive_table(
         table, tuple(opts.hidden), epochs=epochs, evidence_every=every, lr=opts.lr,
