@@ -174,10 +174,13 @@ def test_binary_round_trip_probit_reference(data, tmp_path, capsys):
 
 def test_interactions_add_pairs(data, tmp_path, capsys):
     out = tmp_path / "m"
-    code, printed, err = run_main(capsys, "fit", data["regression"], "--target", "y", *FEW,
+    few = [a for a in FEW if a != "--quiet"]  # progress lines on (stderr is not a terminal)
+    code, printed, err = run_main(capsys, "fit", data["regression"], "--target", "y", *few,
                                   "--interactions", "1", "--out", out)
     assert code == 0, err
     assert "interaction pairs: " in printed
+    assert f"{EPOCHS} epochs + {EPOCHS} with the pairs" in printed
+    assert f"epoch {2 * EPOCHS}/{2 * EPOCHS}," in err  # stage 2 numbered on from stage 1
     model = AdditiveTableModel.load(out)
     assert len(model.config["pairs"]) == 1 and len(model.model.pairs) == 1
     X = prepare_table(data["regression"], "y").table.X

@@ -210,7 +210,8 @@ def fit_additive_table(
         epochs, evidence_every, lr: the budget of each stage (burn-in ``evidence_every − 1``).
         interactions: k pair subnetworks added in stage 2 (0: none).
         seed: seeds the initialisation and the training.
-        callback: ``callback(epoch, history)`` after every epoch (both stages).
+        callback: ``callback(epoch, history)`` after every epoch; the epochs of stage 2 are
+            numbered on from stage 1's (``epochs … 2·epochs − 1``).
 
     Returns:
         the model and its report (the content of ``report.json``).
@@ -241,7 +242,8 @@ def fit_additive_table(
               callback=callback)
     fit: AdditiveFit = fit_additive(X, y, likelihood, **kw)
     if interactions > 0:
-        fit = fit_interactions(fit, X, y, interactions, seed=seed, callback=callback)
+        stage2 = None if callback is None else (lambda e, h: callback(epochs + e, h))
+        fit = fit_interactions(fit, X, y, interactions, seed=seed, callback=stage2)
     la = fit.la
     config = {
         "format": ADDITIVE_FORMAT, "model": "additive", "task": table.task,

@@ -10,6 +10,7 @@ an object with ``features``, ``config`` and ``predict(X) -> TabularPrediction``)
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from marglik.applications.tabular import FILES, TabularModel, default_budget, fi
 from marglik.applications.tabular.preprocessing import Prepared
 from marglik.cli import CLIError
 from marglik.cli.tabular.options import FitOptions
+from marglik.cli.tabular.progress import ProgressLines
 
 __all__ = ["MODEL_KINDS", "ModelKind", "kind_of_folder"]
 
@@ -125,6 +127,10 @@ def fit_additive_kind(
         raise CLIError(f"--interactions must be at most {d * (d - 1) // 2} for {d} features, "
                        f"got {opts.interactions}")
     epochs, every, _ = default_budget(len(table.X), opts.epochs, opts.evidence_every)
+    if callback is not None and opts.interactions:  # the second stage runs as many epochs
+        print(f"marglik fit: then {epochs} epochs with {opts.interactions} interaction pair(s)",
+              file=sys.stderr, flush=True)
+        callback = ProgressLines(2 * epochs)
     model, report = fit_additive_table(
         table, tuple(opts.hidden), epochs=epochs, evidence_every=every, lr=opts.lr,
         interactions=opts.interactions, seed=opts.seed, callback=callback,
@@ -138,8 +144,9 @@ def fit_additive_kind(
     lines = [
         f"marglik fit: {table.task} on {report['n_train']} rows x {n_in} features, LA-NAM "
         f"({n_in} subnetworks 1-{'-'.join(map(str, opts.hidden))}-1"
-        + (f", {len(report['pairs'])} pairs" if report["pairs"] else "")
-        + f"), {epochs} epochs (evidence every {every}) in {report['seconds']:.1f} s",
+        + (f", {len(report['pairs'])} pair(s)" if report["pairs"] else "")
+        + f"), {epochs} epochs" + (f" + {epochs} with the pairs" if report["pairs"] else "")
+        + f" (evidence every {every}) in {report['seconds']:.1f} s",
         f"  log evidence: {report['log_marglik']:.2f}",
         "  feature importance (normalised prior variance 1/delta): "
         + ", ".join(f"{n} {v:.3f}" for n, v in ranked),
