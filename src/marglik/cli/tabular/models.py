@@ -104,7 +104,8 @@ def write_shapes(model: AdditiveTableModel, X: Any, out: Path, importances: list
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    units = "logits" if model.task == "classification" else f"{model.config['target']!r} units"
+    units = (f"logit of p({model.config['classes'][1]!r})" if model.task == "classification"
+             else f"{model.config['target']!r} units")
     return f"  shape functions (±2 std bands, {units}): {out}/shapes.png"
 
 
@@ -140,6 +141,7 @@ def fit_additive_kind(
     model.save(out, report)
     importances = report["feature_importances"]
     ranked = sorted(importances.items(), key=lambda kv: -kv[1])
+    n_low = sum(v < 0.001 for _, v in ranked)
     n_in = report["n_features"]
     lines = [
         f"marglik fit: {table.task} on {report['n_train']} rows x {n_in} features, LA-NAM "
@@ -149,7 +151,8 @@ def fit_additive_kind(
         + f" (evidence every {every}) in {report['seconds']:.1f} s",
         f"  log evidence: {report['log_marglik']:.2f}",
         "  feature importance (normalised prior variance 1/delta): "
-        + ", ".join(f"{n} {v:.3f}" for n, v in ranked),
+        + ", ".join(f"{n} {v:.3f}" for n, v in ranked if v >= 0.001 or len(ranked) <= 10)
+        + (f" ({n_low} more below 0.001, in report.json)" if n_low and len(ranked) > 10 else ""),
     ]
     if report["pairs"]:
         lines.append("  interaction pairs: " + ", ".join(f"{a} x {b}" for a, b in report["pairs"]))
