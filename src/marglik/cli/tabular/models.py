@@ -94,7 +94,7 @@ def write_shapes(model: AdditiveTableModel, X: Any, out: Path, importances: list
 
         matplotlib.use("Agg")
     except ImportError:
-        return "  shapes.png not written: matplotlib is not installed"
+        return "  shapes.png not written: matplotlib is not installed (pip install 'marglik[plot]')"
     from marglik.applications.additive.plots import plot_shape_functions
 
     sf, _ = model.shapes(X)
