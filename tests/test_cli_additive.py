@@ -15,6 +15,7 @@ from torch.func import functional_call, jacrev
 from marglik.applications.additive.folder import AdditiveTableModel, fit_additive_table
 from marglik.applications.tabular.preprocessing import prepare_table
 from marglik.cli import main
+from marglik.data import Table
 from marglik.errors import MarglikError
 
 torch.set_num_threads(1)
@@ -247,3 +248,13 @@ def test_library_refuses_three_classes(data):
     table = prepare_table(data["multi"], "k").table
     with pytest.raises(MarglikError, match="binary classification only.*3 classes"):
         fit_additive_table(table, HIDDEN, epochs=2, evidence_every=1)
+
+
+def test_large_table_trains_in_mini_batches_and_round_trips(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2100, 2, generator=g)
+    table = Table(X, X[:, :1].sin(), ["a", "b"], "y", "regression")
+    model, report = fit_additive_table(table, (4,), epochs=1, evidence_every=1)
+    assert report["training"]["batch_size"] == 128  # as the MLP beyond 2048 rows
+    loaded = AdditiveTableModel.load(model.save(tmp_path / "m", report))
+    torch.testing.assert_close(loaded.predict(X).mean, model.predict(X).mean, rtol=0, atol=0)

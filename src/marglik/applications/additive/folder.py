@@ -33,7 +33,7 @@ from torch import Tensor
 from marglik.applications.additive.fit import AdditiveFit, fit_additive, fit_interactions
 from marglik.applications.additive.model import AdditiveNet
 from marglik.applications.additive.shapes import ShapeFunctions, feature_grid, shape_functions
-from marglik.applications.tabular.fit import check_budget
+from marglik.applications.tabular.fit import BATCH_SIZE, FULL_BATCH_MAX, check_budget
 from marglik.applications.tabular.model import TabularPrediction
 from marglik.data import Standardizer, Table
 from marglik.errors import MarglikError
@@ -202,7 +202,9 @@ def fit_additive_table(
     seed: int = 0,
     callback: Callable[[int, dict], None] | None = None,
 ) -> tuple[AdditiveTableModel, dict[str, Any]]:
-    """Standardise ``table`` and fit LA-NAM on it (full batch, diagonal Laplace).
+    """Standardise ``table`` and fit LA-NAM on it (diagonal Laplace; full batch up to
+    :data:`~marglik.applications.tabular.FULL_BATCH_MAX` rows, else mini-batches of
+    :data:`~marglik.applications.tabular.BATCH_SIZE`, as the MLP).
 
     Args:
         table: features (N, D) and target ((N,) class indices 0/1 or (N, 1) values).
@@ -237,7 +239,8 @@ def fit_additive_table(
     else:
         y_scaler = Standardizer().fit(table.y.float())
         y, likelihood = y_scaler.transform(table.y.float()), "regression"
-    kw = dict(hidden=tuple(hidden), n_epochs=epochs, lr=lr, batch_size=None,
+    batch = None if len(X) <= FULL_BATCH_MAX else BATCH_SIZE  # as the MLP's training
+    kw = dict(hidden=tuple(hidden), n_epochs=epochs, lr=lr, batch_size=batch,
               n_epochs_burnin=evidence_every - 1, marglik_frequency=evidence_every, seed=seed,
               callback=callback)
     fit: AdditiveFit = fit_additive(X, y, likelihood, **kw)
@@ -263,7 +266,7 @@ def fit_additive_table(
         "pairs": [[table.feature_names[i], table.feature_names[j]] for i, j in fit.model.pairs],
         "seconds": round(fit.seconds + fit.options.get("stage1_seconds", 0.0), 2),
         "training": {"epochs": epochs, "evidence_every": evidence_every,
-                     "interactions": interactions},
+                     "interactions": interactions, "batch_size": batch or len(X)},
     }
     if y_scaler is not None:
         sigma = la.sigma_noise.reshape(()).item()
