@@ -201,6 +201,7 @@ def fit_additive_table(
     interactions: int = 0,
     seed: int = 0,
     callback: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
 ) -> tuple[AdditiveTableModel, dict[str, Any]]:
     """Standardise ``table`` and fit LA-NAM on it (diagonal Laplace; full batch up to
     :data:`~marglik.applications.tabular.FULL_BATCH_MAX` rows, else mini-batches of
@@ -214,6 +215,7 @@ def fit_additive_table(
         seed: seeds the initialisation and the training.
         callback: ``callback(epoch, history)`` after every epoch; the epochs of stage 2 are
             numbered on from stage 1's (``epochs … 2·epochs − 1``).
+        progress: show progress bars (stderr).
 
     Returns:
         the model and its report (the content of ``report.json``).
@@ -242,11 +244,12 @@ def fit_additive_table(
     batch = None if len(X) <= FULL_BATCH_MAX else BATCH_SIZE  # as the MLP's training
     kw = dict(hidden=tuple(hidden), n_epochs=epochs, lr=lr, batch_size=batch,
               n_epochs_burnin=evidence_every - 1, marglik_frequency=evidence_every, seed=seed,
-              callback=callback)
+              callback=callback, progress=progress)
     fit: AdditiveFit = fit_additive(X, y, likelihood, **kw)
     if interactions > 0:
         stage2 = None if callback is None else (lambda e, h: callback(epochs + e, h))
-        fit = fit_interactions(fit, X, y, interactions, seed=seed, callback=stage2)
+        fit = fit_interactions(fit, X, y, interactions, seed=seed, callback=stage2,
+                               progress=progress)
     la = fit.la
     config = {
         "format": ADDITIVE_FORMAT, "model": "additive", "task": table.task,

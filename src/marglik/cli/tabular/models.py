@@ -135,6 +135,7 @@ def fit_additive_kind(
     model, report = fit_additive_table(
         table, tuple(opts.hidden), epochs=epochs, evidence_every=every, lr=opts.lr,
         interactions=opts.interactions, seed=opts.seed, callback=callback,
+        progress=progress_bar,
     )
     report["data"] = source
     report["preprocessing"] = prepared.summary
