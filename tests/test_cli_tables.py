@@ -171,7 +171,7 @@ def test_every_problem_is_reported_at_once(capsys, tmp_path):
         (["--seed", "-1"], "--seed must be at least 0"),
         (["--threads", "0"], "--threads must be at least 1"),
         (["--hidden", "0"], "--hidden must be positive integers"),
-        (["--model", "additive"], "--model additive is not available yet"),
+        (["--model", "additive", "--interactions", "-1"], "--interactions must be at least 0"),
     ],
 )
 def test_bad_options_one_line_exit_2(capsys, mixed_csv, option, fragment):

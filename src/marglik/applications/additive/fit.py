@@ -17,6 +17,7 @@ standardise them).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,8 @@ def _check_data(X: Tensor, y: Tensor, likelihood: str) -> tuple[Tensor, Tensor]:
 
 
 def _train(model: AdditiveNet, X: Tensor, y: Tensor, likelihood: str, options: dict,
-           seed: int) -> tuple[Laplace, AdditiveNet, dict]:
+           seed: int, callback: Callable[[int, dict], None] | None = None,
+           progress: bool = False) -> tuple[Laplace, AdditiveNet, dict]:
     gen = torch.Generator().manual_seed(seed)
     data = torch.utils.data.TensorDataset(X, y)
     batch = options["batch_size"] or len(X)
@@ -106,6 +108,8 @@ def _train(model: AdditiveNet, X: Tensor, y: Tensor, likelihood: str, options: d
             marglik_frequency=options["marglik_frequency"],
             n_hypersteps=options["n_hypersteps"], prior_prec_init=options["prior_prec_init"],
             laplace_kwargs={"prior_groups": model.prior_groups()},
+            callback=None if callback is None else (lambda e, m, la, h: callback(e, h)),
+            progress=progress,
         )
     return la, model, history
 
@@ -127,6 +131,8 @@ def fit_additive(
     prior_prec_init: float = 1.0,
     pairs: tuple[tuple[int, int], ...] = (),
     seed: int = 0,
+    callback: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
 ) -> AdditiveFit:
     """Stage 1 of LA-NAM: train f(x) = b + Σ_d f_d(x_d) by online evidence maximisation.
 
@@ -144,6 +150,9 @@ def fit_additive(
             evidence updates of :func:`~marglik.marglik_training`.
         pairs: interaction subnetworks to include from the start.
         seed: seeds the initialisation, the batch order and the training.
+        callback: called as ``callback(epoch, history)`` after every epoch (0-based epoch,
+            :func:`~marglik.marglik_training`'s history), e.g. for progress lines.
+        progress: show :func:`~marglik.marglik_training`'s progress bar (stderr).
 
     Returns:
         :class:`AdditiveFit`.
@@ -161,12 +170,14 @@ def fit_additive(
         torch.manual_seed(seed)
         model = AdditiveNet(X.shape[1], tuple(hidden), LIKELIHOODS[likelihood], pairs,
                             activation).to(X.dtype)
-    la, model, history = _train(model, X, y, likelihood, options, seed)
+    la, model, history = _train(model, X, y, likelihood, options, seed, callback, progress)
     return AdditiveFit(la, model, history, likelihood, time.perf_counter() - start, options)
 
 
 def fit_interactions(fit: AdditiveFit, X: Tensor, y: Tensor, k: int = 3,
-                     n_epochs: int | None = None, seed: int = 0) -> AdditiveFit:
+                     n_epochs: int | None = None, seed: int = 0,
+                     callback: Callable[[int, dict], None] | None = None,
+                     progress: bool = False) -> AdditiveFit:
     """Stage 2 of LA-NAM: add pair subnetworks for the k pairs of highest posterior mutual
     information and train again, starting from the stage-1 weights.
 
@@ -176,6 +187,7 @@ def fit_interactions(fit: AdditiveFit, X: Tensor, y: Tensor, k: int = 3,
         k: number of pairs (at most D(D−1)/2).
         n_epochs: epochs of the second stage (default: those of the first).
         seed: seeds the pair subnetworks and the batch order.
+        callback, progress: as in :func:`fit_additive`.
 
     Returns:
         a new :class:`AdditiveFit` whose ``options["pair_scores"]`` holds the mutual information
@@ -191,6 +203,7 @@ def fit_interactions(fit: AdditiveFit, X: Tensor, y: Tensor, k: int = 3,
     options = dict(fit.options)
     if n_epochs is not None:
         options["n_epochs"] = n_epochs
-    la, model, history = _train(model, X, y, fit.likelihood, options, seed)
+    la, model, history = _train(model, X, y, fit.likelihood, options, seed, callback,
+                                progress)
     options.update(pair_scores=scores, stage1_seconds=fit.seconds)
     return AdditiveFit(la, model, history, fit.likelihood, time.perf_counter() - start, options)

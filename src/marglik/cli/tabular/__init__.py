@@ -76,7 +76,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for line in prepared.summary:
         print(f"marglik fit: {line}")
     epochs, every, _ = default_budget(len(prepared.table.X), opts.epochs, opts.evidence_every)
-    for warning in combination_warnings(opts, epochs, every, prepared.n_missing, args.missing):
+    warnings = combination_warnings(opts, epochs, every, prepared.n_missing, args.missing)
+    if opts.interactions and args.model != "additive":
+        warnings.append(f"--interactions does nothing for --model {args.model}")
+    for warning in warnings:
         print(f"marglik fit: warning: {warning}", file=sys.stderr)
     out = output_folder(args.out)
     bar = progress_bar_wanted()
@@ -195,7 +198,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="epochs between evidence updates of the hyperparameters (default: epochs / 20)",
     )
     fit.add_argument(
-        "--hidden", default="50", help="hidden widths, e.g. 50 or 50,50 (default: %(default)s)"
+        "--hidden", default=None,
+        help="hidden widths, e.g. 50 or 50,50 (default: 50 for mlp; 32,32 per feature for "
+        "additive)",
+    )
+    fit.add_argument(
+        "--interactions", default="0", metavar="K",
+        help="additive: pair subnetworks added in a second stage for the K feature pairs of "
+        "highest posterior mutual information (default: %(default)s)",
     )
     fit.add_argument("--lr", default="0.01", help="Adam learning rate (default: %(default)s)")
     fit.add_argument("--seed", default="0", help="random seed, >= 0 (default: %(default)s)")

@@ -10,15 +10,22 @@ an object with ``features``, ``config`` and ``predict(X) -> TabularPrediction``)
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from marglik.applications.tabular import FILES, TabularModel, fit_table
+from marglik.applications.additive.folder import (
+    ADDITIVE_FILES,
+    AdditiveTableModel,
+    fit_additive_table,
+)
+from marglik.applications.tabular import FILES, TabularModel, default_budget, fit_table
 from marglik.applications.tabular.preprocessing import Prepared
 from marglik.cli import CLIError
 from marglik.cli.tabular.options import FitOptions
+from marglik.cli.tabular.progress import ProgressLines
 
 __all__ = ["MODEL_KINDS", "ModelKind", "kind_of_folder"]
 
@@ -79,6 +86,85 @@ def fit_mlp(
     return lines
 
 
+def write_shapes(model: AdditiveTableModel, X: Any, out: Path, importances: list[float]) -> str:
+    """Plot the shape functions (±2 std bands, data rug) to ``out/shapes.png``; the line to
+    print (saying so when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        return "  shapes.png not written: matplotlib is not installed (pip install 'marglik[plot]')"
+    from marglik.applications.additive.plots import plot_shape_functions
+
+    sf, _ = model.shapes(X)
+    fig = plot_shape_functions(sf.grid.numpy(), sf.mean.numpy(), sf.std.numpy(), X=X.numpy(),
+                               feature_names=model.features, importances=importances)
+    fig.savefig(out / "shapes.png", dpi=80)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    units = (f"logit of p({model.config['classes'][1]!r})" if model.task == "classification"
+             else f"{model.config['target']!r} units")
+    return f"  shape functions (±2 std bands, {units}): {out}/shapes.png"
+
+
+def fit_additive_kind(
+    prepared: Prepared,
+    opts: FitOptions,
+    out: Path,
+    source: str,
+    progress_bar: bool,
+    callback: Any,
+) -> list[str]:
+    """Fit LA-NAM (:func:`marglik.applications.additive.folder.fit_additive_table`), save its
+    folder and ``shapes.png``."""
+    table = prepared.table
+    if table.task == "classification" and len(table.classes) > 2:
+        raise CLIError(f"--model additive does binary classification only; target "
+                       f"{table.target_name!r} has {len(table.classes)} classes (use --model mlp)")
+    d = table.X.shape[1]
+    if opts.interactions > d * (d - 1) // 2:
+        raise CLIError(f"--interactions must be at most {d * (d - 1) // 2} for {d} features, "
+                       f"got {opts.interactions}")
+    epochs, every, _ = default_budget(len(table.X), opts.epochs, opts.evidence_every)
+    if callback is not None and opts.interactions:  # the second stage runs as many epochs
+        print(f"marglik fit: then {epochs} epochs with {opts.interactions} interaction pair(s)",
+              file=sys.stderr, flush=True)
+        callback = ProgressLines(2 * epochs)
+    model, report = fit_additive_table(
+        table, tuple(opts.hidden), epochs=epochs, evidence_every=every, lr=opts.lr,
+        interactions=opts.interactions, seed=opts.seed, callback=callback,
+        progress=progress_bar,
+    )
+    report["data"] = source
+    report["preprocessing"] = prepared.summary
+    model.save(out, report)
+    importances = report["feature_importances"]
+    ranked = sorted(importances.items(), key=lambda kv: -kv[1])
+    n_low = sum(v < 0.001 for _, v in ranked)
+    n_in = report["n_features"]
+    lines = [
+        f"marglik fit: {table.task} on {report['n_train']} rows x {n_in} features, LA-NAM "
+        f"({n_in} subnetworks 1-{'-'.join(map(str, opts.hidden))}-1"
+        + (f", {len(report['pairs'])} pair(s)" if report["pairs"] else "")
+        + f"), {epochs} epochs" + (f" + {epochs} with the pairs" if report["pairs"] else "")
+        + f" (evidence every {every}) in {report['seconds']:.1f} s",
+        f"  log evidence: {report['log_marglik']:.2f}",
+        "  feature importance (normalised prior variance 1/delta): "
+        + ", ".join(f"{n} {v:.3f}" for n, v in ranked if v >= 0.001 or len(ranked) <= 10)
+        + (f" ({n_low} more below 0.001, in report.json)" if n_low and len(ranked) > 10 else ""),
+    ]
+    if report["pairs"]:
+        lines.append("  interaction pairs: " + ", ".join(f"{a} x {b}" for a, b in report["pairs"]))
+    if "sigma_noise_original_units" in report:
+        lines.append(f"  noise sigma: {report['sigma_noise_original_units']:.4g} "
+                     "(original units)")
+    lines.append(write_shapes(model, table.X, out, [importances[f] for f in model.features]))
+    lines.append(f"  saved to {out}/ ({', '.join((*ADDITIVE_FILES, 'preprocessing.json'))})")
+    return lines
+
+
 def kind_of_folder(folder: str | Path) -> str:
     """The ``"model"`` entry of a folder's ``config.json`` (``"mlp"`` when absent or
     unreadable: :meth:`TabularModel.load` then reports what is wrong)."""
@@ -98,5 +184,11 @@ MODEL_KINDS: dict[str, ModelKind] = {
         fit_mlp,
         TabularModel.load,
     ),
-    "additive": ModelKind("Laplace neural additive model (not available yet)"),
+    "additive": ModelKind(
+        "Laplace neural additive model (LA-NAM): one small MLP per feature, a prior precision "
+        "per feature tuned by the evidence, shape functions with bands in shapes.png; "
+        "regression or binary classification",
+        fit_additive_kind,
+        AdditiveTableModel.load,
+    ),
 }

@@ -28,6 +28,7 @@ class FitOptions:
     lr: float
     seed: int
     threads: int
+    interactions: int = 0
 
 
 def integer(flag: str, text: str | None, minimum: int) -> int | None:
@@ -70,18 +71,26 @@ def check_threads(text: str) -> int:
     return integer("--threads", text, 1)
 
 
+#: ``--hidden`` when not given, per ``--model``
+DEFAULT_HIDDEN = {"mlp": "50", "additive": "32,32"}
+
+
 def check_fit_options(args: argparse.Namespace) -> FitOptions:
     """Every option of ``marglik fit`` checked (the first bad one raises)."""
     seed = integer("--seed", args.seed, 0)
     if seed >= 2**63:
         raise CLIError(f"--seed must be below 2**63, got {seed}")
     return FitOptions(
-        hidden=parse_hidden(args.hidden),
+        hidden=parse_hidden(
+            args.hidden if args.hidden is not None
+            else DEFAULT_HIDDEN.get(getattr(args, "model", "mlp"), "50")
+        ),
         epochs=integer("--epochs", args.epochs, 1),
         evidence_every=integer("--evidence-every", args.evidence_every, 1),
         lr=positive_float("--lr", args.lr),
         seed=seed,
         threads=check_threads(args.threads),
+        interactions=integer("--interactions", getattr(args, "interactions", "0"), 0),
     )
 
 
