@@ -20,7 +20,6 @@ predictive p(y=1|x) = sigmoid(f / sqrt(1 + π/8 · J Σ Jᵀ)) and its complemen
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,11 @@ from marglik.applications.additive.fit import AdditiveFit, fit_additive, fit_int
 from marglik.applications.additive.model import AdditiveNet
 from marglik.applications.additive.shapes import ShapeFunctions, feature_grid, shape_functions
 from marglik.applications.tabular.fit import BATCH_SIZE, FULL_BATCH_MAX, check_budget
-from marglik.applications.tabular.model import TabularPrediction
+from marglik.applications.tabular.model import (
+    TabularPrediction,
+    read_model_folder,
+    write_model_folder,
+)
 from marglik.data import Standardizer, Table
 from marglik.errors import MarglikError
 from marglik.posterior import Laplace
@@ -152,43 +155,14 @@ class AdditiveTableModel:
 
     def save(self, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
         """Write the model folder (``report.json`` only when ``report`` is given)."""
-        out = Path(folder)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise MarglikError(f"cannot create model folder {str(out)!r}: {err.strerror}") from None
-        state = self.state()
-        torch.save(state["model"], out / "model.pt")
-        torch.save(state["laplace"], out / "laplace.pt")
-        torch.save(state["scalers"], out / "standardizer.pt")
-        (out / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-        if report is not None:
-            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        return out
+        return write_model_folder(folder, self.state(), report)
 
     @classmethod
     def load(cls, folder: str | Path) -> AdditiveTableModel:
         """Read a folder written by :meth:`save` (``marglik fit --model additive``)."""
-        path, folder = str(folder), Path(folder)
-        if not folder.is_dir():
-            raise MarglikError(f"model folder {path!r} does not exist or is not a folder")
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            config = None
-        if not isinstance(config, dict) or config.get("format") != ADDITIVE_FORMAT:
-            raise MarglikError(f"{path!r} is not a marglik additive model folder (no valid "
-                               "config.json from 'marglik fit --model additive')")
-        try:
-            return cls.from_state({
-                "config": config,
-                "model": torch.load(folder / "model.pt", weights_only=True),
-                "laplace": torch.load(folder / "laplace.pt", weights_only=True),
-                "scalers": torch.load(folder / "standardizer.pt", weights_only=True),
-            })
-        except Exception as err:  # any broken or foreign file: one line, not a traceback
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise MarglikError(f"{path!r} is not a loadable marglik model: {reason}") from None
+        return read_model_folder(
+            folder, ADDITIVE_FORMAT, "a marglik additive model folder (no valid config.json "
+            "from 'marglik fit --model additive')", cls.from_state)
 
 
 def fit_additive_table(

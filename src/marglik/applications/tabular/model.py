@@ -9,7 +9,7 @@ target's original units.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,42 +138,60 @@ class TabularModel:
 
     def save(self, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
         """Write the model folder (``report.json`` only when ``report`` is given)."""
-        out = Path(folder)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise MarglikError(f"cannot create model folder {str(out)!r}: {err.strerror}") from None
-        state = self.state()
-        torch.save(state["model"], out / "model.pt")
-        torch.save(state["laplace"], out / "laplace.pt")
-        torch.save(state["scalers"], out / "standardizer.pt")
-        (out / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-        if report is not None:
-            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        return out
+        return write_model_folder(folder, self.state(), report)
 
     @classmethod
     def load(cls, folder: str | Path) -> TabularModel:
         """Read a model folder written by :meth:`save` (``marglik fit``)."""
-        path = str(folder)
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise MarglikError(f"model folder {path!r} does not exist or is not a folder")
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            config = None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise MarglikError(
-                f"{path!r} is not a marglik model folder (no valid config.json from 'marglik fit')"
-            )
-        try:
-            return cls.from_state({
-                "config": config,
-                "model": torch.load(folder / "model.pt", weights_only=True),
-                "laplace": torch.load(folder / "laplace.pt", weights_only=True),
-                "scalers": torch.load(folder / "standardizer.pt", weights_only=True),
-            })
-        except Exception as err:  # any broken or foreign file: one line, not a traceback
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise MarglikError(f"{path!r} is not a loadable marglik model: {reason}") from None
+        return read_model_folder(
+            folder, FORMAT, "a marglik model folder (no valid config.json from 'marglik fit')",
+            cls.from_state)
+
+
+def write_model_folder(folder: str | Path, state: dict[str, Any],
+                       report: dict[str, Any] | None = None) -> Path:
+    """Write a model folder: ``state``'s ``"model"``, ``"laplace"`` and ``"scalers"`` as
+    ``model.pt``, ``laplace.pt``, ``standardizer.pt``, its ``"config"`` as ``config.json``, and
+    ``report.json`` when ``report`` is given (shared by every ``marglik fit`` model kind)."""
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MarglikError(f"cannot create model folder {str(out)!r}: {err.strerror}") from None
+    torch.save(state["model"], out / "model.pt")
+    torch.save(state["laplace"], out / "laplace.pt")
+    torch.save(state["scalers"], out / "standardizer.pt")
+    (out / "config.json").write_text(json.dumps(state["config"], indent=2) + "\n")
+    if report is not None:
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def read_model_folder(folder: str | Path, fmt: str, expected: str,
+                      from_state: Callable[[dict[str, Any]], Any]) -> Any:
+    """Read a folder of :func:`write_model_folder` whose config has format ``fmt`` into
+    ``from_state(state)`` (all ``.pt`` files with ``weights_only=True``).
+
+    Raises:
+        MarglikError: the folder is missing, its config is not of format ``fmt`` ("... is not
+            ``expected``"), or a file cannot be loaded (one line).
+    """
+    path, folder = str(folder), Path(folder)
+    if not folder.is_dir():
+        raise MarglikError(f"model folder {path!r} does not exist or is not a folder")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        raise MarglikError(f"{path!r} is not {expected}")
+    try:
+        return from_state({
+            "config": config,
+            "model": torch.load(folder / "model.pt", weights_only=True),
+            "laplace": torch.load(folder / "laplace.pt", weights_only=True),
+            "scalers": torch.load(folder / "standardizer.pt", weights_only=True),
+        })
+    except Exception as err:  # any broken or foreign file: one line, not a traceback
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MarglikError(f"{path!r} is not a loadable marglik model: {reason}") from None
