@@ -386,7 +386,7 @@ def _finite_eigh(S: Tensor, vectors: bool) -> Any:
     except torch.linalg.LinAlgError:
         if S.dtype == torch.float64:
             raise
-    out = decompose(S.to(torch.float64))
+    out = decompose(S.to(torch.float64)) if S.dtype != torch.float64 else out
     if not _finite(out):
         raise FloatingPointError(f"the eigendecomposition of a {tuple(S.shape)} matrix is not "
                                  "finite, even in float64")
