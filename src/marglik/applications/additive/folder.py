@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,7 @@ from marglik.applications.additive.fit import AdditiveFit, fit_additive, fit_int
 from marglik.applications.additive.model import AdditiveNet
 from marglik.applications.additive.shapes import ShapeFunctions, feature_grid, shape_functions
 from marglik.applications.tabular.fit import BATCH_SIZE, FULL_BATCH_MAX, check_budget
-from marglik.applications.tabular.model import (
-    TabularPrediction,
-    read_model_folder,
-    write_model_folder,
-)
+from marglik.applications.tabular.model import TabularModel, read_model_folder
 from marglik.data import Standardizer, Table
 from marglik.errors import MarglikError
 from marglik.posterior import Laplace
@@ -61,60 +56,19 @@ def feature_importances(feature_precisions: Tensor) -> Tensor:
     return variance / variance.sum()
 
 
-@dataclass
-class AdditiveTableModel:
-    """A fitted LA-NAM with its standardisers and config.
-
-    Attributes:
-        config: the ``config.json`` content.
-        laplace: the diagonal Laplace posterior over all weights of the :class:`AdditiveNet`
-            (``laplace.model``), one prior precision per subnetwork and one for the bias.
-        x_scaler: standardiser of the features.
-        y_scaler: standardiser of the regression target; None for classification.
-    """
-
-    config: dict[str, Any]
-    laplace: Laplace
-    x_scaler: Standardizer
-    y_scaler: Standardizer | None = None
-
-    @property
-    def task(self) -> str:
-        return self.config["task"]
-
-    @property
-    def features(self) -> list[str]:
-        """Names of the feature columns, in the order the model reads them."""
-        return self.config["features"]
+class AdditiveTableModel(TabularModel):
+    """A fitted LA-NAM with its standardisers and config: a :class:`TabularModel` (same
+    attributes, predictive, state and folder files) whose ``laplace`` is the diagonal Laplace
+    posterior over all weights of an :class:`AdditiveNet`, one prior precision per subnetwork
+    and one for the bias; binary classes come from its single logit."""
 
     @property
     def model(self) -> AdditiveNet:
         return self.laplace.model
 
-    def _x(self, X: Tensor) -> Tensor:
-        X = torch.as_tensor(X)
-        if X.dim() != 2 or X.shape[1] != len(self.features):
-            raise ValueError(f"X must have shape (N, {len(self.features)}), got "
-                             f"{tuple(X.shape)}")
-        return self.x_scaler.transform(X.to(self.x_scaler.mean.dtype))
-
-    def predict(self, X: Tensor) -> TabularPrediction:
-        """Linearised-Laplace predictive for raw (unstandardised) features ``X`` (N, D)."""
-        x, la = self._x(X), self.laplace
-        if self.task == "classification":
-            p1 = la(x, link_approx="probit").reshape(len(x), -1)[:, 0].detach()
-            probs = torch.stack([1 - p1, p1], dim=1)
-            classes = self.config["classes"]
-            labels = [classes[k] for k in (p1 > 0.5).long().tolist()]
-            return TabularPrediction(self.task, probs=probs, labels=labels)
-        f_mean, f_var = la(x)
-        f_var = f_var.reshape(len(x), -1)[:, 0].clamp_min(0).detach()
-        scale = self.y_scaler.std.reshape(()).item()
-        mean = self.y_scaler.inverse_transform(f_mean.detach().reshape(-1, 1)).reshape(-1)
-        sigma2 = la.sigma_noise.detach().reshape(()) ** 2
-        return TabularPrediction(self.task, mean=mean,
-                                 std_with_noise=(f_var + sigma2).sqrt() * scale,
-                                 std_without_noise=f_var.sqrt() * scale)
+    def _class_probabilities(self, x: Tensor) -> Tensor:
+        p1 = self.laplace(x, link_approx="probit").reshape(len(x), -1)[:, 0].detach()
+        return torch.stack([1 - p1, p1], dim=1)
 
     def shapes(self, X: Tensor, n_points: int = 100) -> tuple[ShapeFunctions, float]:
         """Centred shape functions over the range of raw ``X`` (N, D), centred on X.
@@ -123,19 +77,11 @@ class AdditiveTableModel:
         ``mean``/``std`` (M, D, 1) in the model's output units (standardised target × its std,
         i.e. target units, for regression; logits for classification), and that output scale.
         """
-        x = self._x(X)
+        x = self._inputs(X)
         sf = shape_functions(self.laplace, self.model, x, grid=feature_grid(x, n_points))
         scale = 1.0 if self.y_scaler is None else self.y_scaler.std.reshape(()).item()
         grid = self.x_scaler.inverse_transform(sf.grid)
         return ShapeFunctions(grid, sf.mean * scale, sf.std * scale), scale
-
-    def state(self) -> dict[str, Any]:
-        """``{"config", "model", "laplace", "scalers"}``: JSON-able config and plain tensors."""
-        scalers = {"x": self.x_scaler.state_dict()}
-        if self.y_scaler is not None:
-            scalers["y"] = self.y_scaler.state_dict()
-        return {"config": dict(self.config), "model": self.model.state_dict(),
-                "laplace": self.laplace.state_dict(), "scalers": scalers}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> AdditiveTableModel:
@@ -152,10 +98,6 @@ class AdditiveTableModel:
         scalers = state["scalers"]
         y_scaler = Standardizer.from_state_dict(scalers["y"]) if "y" in scalers else None
         return cls(config, la, Standardizer.from_state_dict(scalers["x"]), y_scaler)
-
-    def save(self, folder: str | Path, report: dict[str, Any] | None = None) -> Path:
-        """Write the model folder (``report.json`` only when ``report`` is given)."""
-        return write_model_folder(folder, self.state(), report)
 
     @classmethod
     def load(cls, folder: str | Path) -> AdditiveTableModel:

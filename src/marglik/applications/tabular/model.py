@@ -83,24 +83,34 @@ class TabularModel:
         """Names of the feature columns, in the order the network reads them."""
         return self.config["features"]
 
+    def _inputs(self, X: Tensor) -> Tensor:
+        """Raw features (N, D) → the standardised inputs of the network."""
+        X = torch.as_tensor(X)
+        if X.dim() != 2 or X.shape[1] != len(self.features):
+            raise ValueError(f"X must have shape (N, {len(self.features)}), got "
+                             f"{tuple(X.shape)}")
+        return self.x_scaler.transform(X.to(self.x_scaler.mean.dtype))
+
+    def _class_probabilities(self, x: Tensor) -> Tensor:
+        """Class probabilities (N, C) at standardised inputs ``x`` (GLM probit)."""
+        return class_probabilities(self.laplace, x)
+
     def predict(self, X: Tensor) -> TabularPrediction:
         """GLM predictive for raw (unstandardised) features ``X`` of shape (N, D)."""
-        la = self.laplace
-        X = self.x_scaler.transform(torch.as_tensor(X).to(self.x_scaler.mean.dtype))
+        x, la = self._inputs(X), self.laplace
         if self.task == "classification":
-            probs = class_probabilities(la, X)
+            probs = self._class_probabilities(x)
             classes = self.config["classes"]
             labels = [classes[k] for k in probs.argmax(-1).tolist()]
             return TabularPrediction(self.task, probs=probs, labels=labels)
-        f_mean, f_var = la(X)
-        f_var = f_var.reshape(len(X), -1)[:, 0]
+        f_mean, f_var = la(x)
+        f_var = f_var.reshape(len(x), -1)[:, 0].clamp_min(0).detach()
         scale = self.y_scaler.std.reshape(()).item()
-        mean = self.y_scaler.inverse_transform(f_mean.reshape(-1, 1)).reshape(-1)
-        std_f = f_var.clamp_min(0).sqrt() * scale
-        std_y = (f_var.clamp_min(0) + la.sigma_noise.reshape(()) ** 2).sqrt() * scale
-        return TabularPrediction(
-            self.task, mean=mean, std_with_noise=std_y, std_without_noise=std_f
-        )
+        mean = self.y_scaler.inverse_transform(f_mean.detach().reshape(-1, 1)).reshape(-1)
+        sigma2 = la.sigma_noise.detach().reshape(()) ** 2
+        return TabularPrediction(self.task, mean=mean,
+                                 std_with_noise=(f_var + sigma2).sqrt() * scale,
+                                 std_without_noise=f_var.sqrt() * scale)
 
     def state(self) -> dict[str, Any]:
         """Everything the model is, as JSON-able config and plain tensors (no pickled code):
