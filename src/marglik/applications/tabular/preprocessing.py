@@ -25,7 +25,6 @@ encoded as no category, with a note), the training fill values for missing cells
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,9 +33,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from marglik.applications.tabular.cells import (
+    MAX_CATEGORIES,
+    check_numeric,
+    column_cells,
+    column_kind,
+    listing,
+    missing_cells,
+    missing_problem,
+    raise_problems,
+    whole_rows,
+)
 from marglik.data.tabular import (
     MIN_ROWS,
-    MISSING_TOKENS,
     DataError,
     Table,
     encode_target,
@@ -55,16 +64,8 @@ __all__ = [
 
 #: what to do with missing cells
 MISSING_POLICIES = ("error", "drop", "impute")
-#: a categorical column with more distinct values than this is reported (an identifier?)
-MAX_CATEGORIES = 100
 #: format tag of ``preprocessing.json``
 FORMAT = "marglik.preprocessing/1"
-_SHOWN = 3
-
-
-def _listing(items: Sequence, limit: int = _SHOWN) -> str:
-    shown = ", ".join(str(i) for i in items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 @dataclass
@@ -154,20 +155,20 @@ class Preprocessing:
         absent = [c.name for c in self.columns if c.name not in names]
         if absent:
             problems.append(f"lacks feature column(s) {absent} that the model was trained on")
-        rows, lines = _whole_rows(names, rows, lines, problems)
+        rows, lines = whole_rows(names, rows, lines, problems)
         if not rows and not problems:
             problems.append("has no data rows")
         cols = [c for c in self.columns if c.name in names]
-        cells = _columns(names, rows, [c.name for c in cols])
-        miss = {c.name: _missing(cells[c.name]) for c in cols}
+        cells = column_cells(names, rows, [c.name for c in cols])
+        miss = {c.name: missing_cells(cells[c.name]) for c in cols}
         for c in cols:
             if c.kind == "numeric":
-                _check_numeric(c.name, cells[c.name], miss[c.name], lines, problems)
+                check_numeric(c.name, cells[c.name], miss[c.name], lines, problems)
         n_missing = {c.name: sum(miss[c.name]) for c in cols if any(miss[c.name])}
         if n_missing and self.missing == "error":
-            problems.append(_missing_problem(n_missing, miss, lines, "the model was fitted "
+            problems.append(missing_problem(n_missing, miss, lines, "the model was fitted "
                                              "with --missing error"))
-        _raise(path, problems)
+        raise_problems(path, problems)
         kept = [not any(miss[c.name][i] for c in cols) for i in range(len(rows))]
         if self.missing != "drop":
             kept = [True] * len(rows)
@@ -185,89 +186,9 @@ class Preprocessing:
             done = ("filled with the training values" if self.missing == "impute"
                     else f"{kept.count(False)} row(s) skipped (no prediction)")
             notes.append(f"{sum(n_missing.values())} missing cell(s) in "
-                         f"{_listing([repr(k) for k in n_missing])}: {done}")
+                         f"{listing([repr(k) for k in n_missing])}: {done}")
         X = torch.cat(blocks, dim=1) if blocks else torch.zeros(sum(kept), 0)
         return X, torch.tensor(kept, dtype=torch.bool), notes
-
-
-def _whole_rows(names: list[str], rows: list[list[str]], lines: list[int],
-                problems: list[str]) -> tuple[list[list[str]], list[int]]:
-    """The rows with as many fields as the header; a problem naming the others."""
-    bad = [line for row, line in zip(rows, lines) if len(row) != len(names)]
-    if bad:
-        problems.append(f"{len(bad)} row(s) do not have the header's {len(names)} fields: "
-                        f"line(s) {_listing(bad)}")
-    good = [(row, line) for row, line in zip(rows, lines) if len(row) == len(names)]
-    return [r for r, _ in good], [ln for _, ln in good]
-
-
-def _columns(names: list[str], rows: list[list[str]], wanted: list[str]) -> dict[str, list[str]]:
-    """Stripped cells of the wanted columns."""
-    return {n: [row[names.index(n)].strip() for row in rows] for n in wanted}
-
-
-def _missing(cells: list[str]) -> list[bool]:
-    out = []
-    for c in cells:
-        v = parse_float(c)
-        out.append(c.lower() in MISSING_TOKENS or (v is not None and math.isnan(v)))
-    return out
-
-
-def _check_numeric(name: str, cells: list[str], miss: list[bool], lines: list[int],
-                   problems: list[str]) -> None:
-    """Problems of a numeric column: text cells, infinite values."""
-    text = [(c, ln) for c, m, ln in zip(cells, miss, lines) if not m and parse_float(c) is None]
-    if text:
-        problems.append(f"column {name!r} has non-numeric value {text[0][0]!r} at line "
-                        f"{text[0][1]}" + (f" ({len(text)} cells in all)" if len(text) > 1
-                                          else ""))
-    inf = [(c, ln) for c, m, ln in zip(cells, miss, lines)
-           if not m and (v := parse_float(c)) is not None and math.isinf(v)]
-    if inf:
-        problems.append(f"column {name!r} has non-finite value {inf[0][0]!r} at line "
-                        f"{inf[0][1]}" + (f" ({len(inf)} cells in all)" if len(inf) > 1 else ""))
-
-
-def _missing_problem(counts: dict[str, int], miss: dict[str, list[bool]], lines: list[int],
-                     hint: str) -> str:
-    rows = [ln for i, ln in enumerate(lines) if any(miss[k][i] for k in counts)]
-    cols = _listing([f"{k!r} ({v})" for k, v in counts.items()])
-    return (f"{sum(counts.values())} empty or NaN cell(s) in column(s) {cols}; at line(s) "
-            f"{_listing(rows)} ({hint})")
-
-
-def _raise(path: str | Path, problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise DataError(f"{str(path)!r} {problems[0]}" if problems[0].startswith(
-            ("has ", "lacks ", "keeps ")) else f"{str(path)!r}: {problems[0]}")
-    if problems:
-        listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
-        raise DataError(f"{str(path)!r} has {len(problems)} problems: {listed}")
-
-
-def _column_kind(name: str, cells: list[str], miss: list[bool], lines: list[int],
-                 categorical: Sequence[str], problems: list[str]) -> str | None:
-    """``"numeric"`` / ``"categorical"``, or None (a problem is recorded)."""
-    observed = [(c, ln) for c, m, ln in zip(cells, miss, lines) if not m]
-    if not observed:
-        problems.append(f"column {name!r} has no values (every cell is missing)")
-        return None
-    text = [(c, ln) for c, ln in observed if parse_float(c) is None]
-    if name in categorical or len(text) == len(observed):
-        distinct = len({c for c, _ in observed})
-        if distinct > MAX_CATEGORIES:
-            problems.append(f"categorical column {name!r} has {distinct} distinct values (more "
-                            f"than {MAX_CATEGORIES}; an identifier? pass --ignore {name})")
-            return None
-        return "categorical"
-    if text:
-        problems.append(f"column {name!r} mixes numbers and text: non-numeric value "
-                        f"{text[0][0]!r} at line {text[0][1]} ({len(text)} of {len(observed)} "
-                        f"cells); fix the cells, or pass --categorical {name}")
-        return None
-    _check_numeric(name, cells, miss, lines, problems)
-    return "numeric"
 
 
 @dataclass
@@ -322,14 +243,14 @@ def prepare_table(
         problems.append(f"has no column(s) {unknown} named in --categorical / --ignore")
     if target in categorical or target in ignore:
         problems.append(f"the target {target!r} cannot be --categorical or --ignore'd")
-    rows, lines = _whole_rows(names, rows, lines, problems)
+    rows, lines = whole_rows(names, rows, lines, problems)
     features = [n for n in names if n != target and n not in ignore]
     if not features:
         problems.append(f"has no feature columns besides the target {target!r}")
     used = features + ([target] if target in names else [])
-    cells = _columns(names, rows, used)
-    miss = {n: _missing(cells[n]) for n in used}
-    kinds = {n: _column_kind(n, cells[n], miss[n], lines, categorical, problems)
+    cells = column_cells(names, rows, used)
+    miss = {n: missing_cells(cells[n]) for n in used}
+    kinds = {n: column_kind(n, cells[n], miss[n], lines, categorical, problems)
              for n in features}
 
     t_values = [parse_float(c) for c in cells.get(target, [])]
@@ -341,7 +262,7 @@ def prepare_table(
                             f"{text[0][1]} (use --task classification for string labels)")
     counts = {n: sum(miss[n]) for n in used if any(miss[n])}
     if counts and missing == "error":
-        problems.append(_missing_problem(counts, miss, lines,
+        problems.append(missing_problem(counts, miss, lines,
                                          "pass --missing impute or --missing drop"))
     if missing == "drop":
         kept = [not any(miss[n][i] for n in used) for i in range(len(rows))]
@@ -353,7 +274,7 @@ def prepare_table(
                         f"cells; at least {MIN_ROWS} needed")
     elif len(rows) < MIN_ROWS:
         problems.append(f"has only {len(rows)} data rows; at least {MIN_ROWS} needed")
-    _raise(path, problems)
+    raise_problems(path, problems)
 
     columns, blocks = [], []
     for n in features:
@@ -386,21 +307,21 @@ def _summary(path: str | Path, pre: Preprocessing, table: Table, counts: dict[st
     what = f"{table.task}" + (f", {len(table.classes)} classes" if table.classes else "")
     out = [f"read {path}: {len(kept)} rows; target {pre.target!r} ({what})"]
     if numeric:
-        out.append(f"numeric features ({len(numeric)}): {_listing(numeric, 8)}")
+        out.append(f"numeric features ({len(numeric)}): {listing(numeric, 8)}")
     if cats:
         width = sum(len(c.categories) for c in cats)
-        listed = _listing([f"{c.name} ({len(c.categories)})" for c in cats], 8)
+        listed = listing([f"{c.name} ({len(c.categories)})" for c in cats], 8)
         out.append(f"categorical features ({len(cats)}), one-hot encoded into {width} "
                    f"columns: {listed}")
     if pre.ignored:
-        out.append(f"ignored columns: {_listing(pre.ignored, 8)}")
+        out.append(f"ignored columns: {listing(pre.ignored, 8)}")
     if not counts:
         out.append("missing cells: none")
         return out
-    cells = f"{sum(counts.values())} missing cell(s) in {_listing([repr(k) for k in counts], 8)}"
+    cells = f"{sum(counts.values())} missing cell(s) in {listing([repr(k) for k in counts], 8)}"
     dropped = [ln for ln, k in zip(lines, kept) if not k]
     if pre.missing == "drop":
-        out.append(f"{cells}: dropped {len(dropped)} row(s) (line(s) {_listing(dropped)})")
+        out.append(f"{cells}: dropped {len(dropped)} row(s) (line(s) {listing(dropped)})")
     else:
         filled = {k: v for k, v in counts.items() if k != pre.target}
         text = (f"{sum(filled.values())} feature cell(s) imputed (numeric: training mean; "
