@@ -119,6 +119,9 @@ def test_the_cycle_finder_finds_a_cycle():
         ("marglik.posterior", "marglik.training"),
         ("marglik.training", "marglik.applications"),
         ("marglik.applications", "marglik.cli"),
+        ("marglik.variational", "marglik.applications"),
+        ("marglik.variational", "marglik.training"),
+        ("marglik.variational", "marglik.cli"),
     ],
 )
 def test_lower_layers_do_not_import_higher_ones(lower, upper):
