@@ -90,6 +90,22 @@ def test_tangent_mode_is_the_convex_minimiser():
     assert info["gradient"] < 1e-6  # float64 floor of the line search on a flat objective
 
 
+def test_tangent_mode_with_precisions_many_orders_apart():
+    """A group the evidence switches off (δ ~ 1e12 beside δ ~ 0.5) once sent L-BFGS in t to
+    overflowing outputs; the whitened solve finds the same mode as Newton's method."""
+    model = _net()
+    X, y = _classification()
+    sub = select_subset(model, "all")
+    delta = torch.full((sub.size,), 0.5, dtype=torch.float64)
+    delta[:15] = 1e12  # the first layer's weights
+    delta[20:25] = 3e5
+    lik = marglik.likelihoods.get_likelihood("classification")
+    t, _ = tangent_mode(model, sub, lik, _loader(X, y), delta, torch.tensor(0.0),
+                        torch.zeros(sub.size, dtype=torch.float64), tol=1e-10)
+    ref = _newton_mode(oracle.jacobians(model, X), y, delta, 3)
+    torch.testing.assert_close(t, ref, rtol=1e-6, atol=1e-8)
+
+
 def test_fit_at_a_tangent_point_matches_dense_maths():
     model = _net()
     X, y = _classification()
