@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import marglik
 from marglik.curvature.subsets import select_subset
-from marglik.posterior.tangent import tangent_mode, tangent_outputs
+from marglik.posterior.tangent import ray_mode, ray_outputs, tangent_mode, tangent_outputs
 from tests import oracle
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(silent|fell back|KFAC).*:UserWarning")
@@ -134,7 +134,8 @@ def test_tangent_evidence_is_stationary_for_classification(structure):
     la = marglik.Laplace(model, "classification", hessian_structure=structure)
     la.fit(_loader(X, y))
     hist = la.optimize_prior_precision(method="tangent", train_loader=_loader(X, y),
-                                       n_steps=300, prior_structure="scalar")
+                                       n_steps=300, prior_structure="scalar",
+                                       tangent_search="full")
     delta = la.prior_precision
     ref_t = _newton_mode(oracle.jacobians(model, X), y, delta, 3)
     torch.testing.assert_close(la.tangent, ref_t, rtol=1e-3, atol=1e-4)
@@ -158,7 +159,7 @@ def test_tangent_evidence_is_the_exact_linear_gaussian_evidence():
     la = marglik.Laplace(model, "regression", hessian_structure="full")
     la.fit(_loader(X, y))
     hist = la.optimize_prior_precision(method="tangent", train_loader=_loader(X, y),
-                                       tune_sigma=True)
+                                       tune_sigma=True, tangent_search="full")
     assert len(hist["log_marglik"]) < 50  # settled before the round limit (no warning)
     J = oracle.jacobians(model, X)[:, 0, :]
 
@@ -180,6 +181,67 @@ def test_tangent_evidence_is_the_exact_linear_gaussian_evidence():
     t_ref = torch.linalg.solve(J.T @ J / s2 + d * torch.eye(J.shape[1], dtype=J.dtype),
                                J.T @ y[:, 0] / s2)
     torch.testing.assert_close(la.tangent, t_ref, rtol=1e-3, atol=1e-5)
+
+
+def test_ray_outputs_are_the_jacobian_times_the_weights():
+    model = _net()
+    X, y = _classification()
+    sub = select_subset(model, "all")
+    out = ray_outputs(model, sub, _loader(X, y))
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(torch.cat([g for g, _ in out]),
+                               torch.einsum("ndp,p->nd", oracle.jacobians(model, X), theta),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat([t for _, t in out]), y, rtol=0, atol=0)
+
+
+def test_ray_mode_regression_in_closed_form():
+    """Gaussian: c* = (gᵀy/σ² + δ θᵀμ0) / (gᵀg/σ² + δ‖θ‖²) with g = J θ*."""
+    model = _net(d_out=1)
+    X, y = _regression()
+    sub = select_subset(model, "all")
+    out = ray_outputs(model, sub, _loader(X, y))
+    g = torch.cat([o for o, _ in out])[:, 0]
+    theta = sub.vector(model).detach()
+    delta, mu0, sigma = torch.tensor(3.0, dtype=X.dtype), torch.tensor(0.05, dtype=X.dtype), 0.3
+    lik = marglik.likelihoods.get_likelihood("regression", sigma_noise=sigma)
+    c, _ = ray_mode(lik, out, theta, delta, mu0, torch.tensor(1.0, dtype=X.dtype))
+    ref = (g @ y[:, 0] / sigma**2 + delta * mu0 * theta.sum()) / (
+        g @ g / sigma**2 + delta * theta @ theta)
+    torch.testing.assert_close(c, ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["full", "kron"])
+def test_ray_search_ends_at_its_fixed_point(structure):
+    """tangent_search="ray": t = c θ* with c the ray's mode for the final δ, the curvature
+    fitted at c J θ*, and ∂ log Z / ∂ log δ = 0 there; a δ far above the evidence at θ*."""
+    model = _net()
+    X, y = _classification()
+    la = marglik.Laplace(model, "classification", hessian_structure=structure)
+    la.fit(_loader(X, y))
+    hist = la.optimize_prior_precision(method="tangent", train_loader=_loader(X, y),
+                                       prior_structure="scalar")
+    assert len(hist["log_marglik"]) < 50 and all(e == 0 for e in hist["mode_evaluations"])
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    c = torch.tensor(hist["ray"][-1], dtype=X.dtype)
+    torch.testing.assert_close(la.tangent, c * theta, rtol=1e-12, atol=1e-12)
+    J = oracle.jacobians(model, X)
+    g = torch.einsum("ndp,p->nd", J, theta)
+    delta = la.prior_precision.detach()
+    cc = c.clone().requires_grad_(True)  # the ray objective's slope at c (dense maths)
+    objective = oracle.categorical_nll(cc * g, y).sum() + 0.5 * delta * (cc * theta).square().sum()
+    (slope,) = torch.autograd.grad(objective, cc)
+    assert abs(slope.item()) < 1e-6
+    if structure == "full":
+        Lam = oracle.output_hessians(oracle.categorical_nll, c * g, y)
+        torch.testing.assert_close(la.H.to_dense(), torch.einsum("ndp,nde,neq->pq", J, Lam, J),
+                                   rtol=1e-10, atol=1e-12)
+    log_delta = delta.log().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(la.log_marginal_likelihood(log_delta.exp()), log_delta)
+    assert abs(grad.item()) < 1e-3
+    la2 = marglik.Laplace(model, "classification", hessian_structure=structure)
+    la2.fit(_loader(X, y)).optimize_prior_precision(prior_structure="scalar", n_steps=300)
+    assert delta > la2.prior_precision
 
 
 def test_tangent_state_round_trip_and_model_untouched():

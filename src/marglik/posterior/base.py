@@ -195,6 +195,7 @@ class Posterior(ABC):
         progress_bar: bool = False,
         train_loader: Iterable | None = None,
         optimizer: str | None = None,
+        tangent_search: str = "ray",
     ) -> dict[str, list]:
         """Tune δ (and σ) post hoc: by the evidence (``"marglik"``, ``"tangent"``) or validation.
 
@@ -229,6 +230,10 @@ class Posterior(ABC):
             train_loader: the training batches for ``"tangent"`` (re-iterable; the data of
                 :meth:`fit`). ``n_steps`` is then the most evidence evaluations (L-BFGS) per
                 round.
+            tangent_search: where ``"tangent"`` seeks the tangent model's mode: ``"ray"``
+                (t = c θ*; one forward-mode pass, then a curvature fit per round) or ``"full"``
+                (all of t; 60–120 passes per round); see
+                :func:`marglik.posterior.tangent.optimize_tangent_evidence`.
             loss: validation loss for grid search, lower is better. Default: the mean negative
                 log predictive density — categorical / Bernoulli for classification, Gaussian
                 with covariance f_var + σ²I for regression (laplace-torch scores regression by
@@ -269,7 +274,7 @@ class Posterior(ABC):
                                  f"{type(self).__name__}")
             history = optimize_tangent_evidence(
                 self, train_loader, prior_structure, tune_sigma, n_steps, lr, init_prior_prec,
-                progress=progress,
+                progress=progress, search=tangent_search,
             )
         elif method == "gridsearch":
             if optimizer is not None:
