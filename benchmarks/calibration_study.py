@@ -19,10 +19,11 @@ Rows (``ROWS``, a registry: row name → function that builds, fits and tunes a 
 returns a predictor ``(set name, x) -> probabilities``): ``map`` (the network), and
 ``{last,all}-{structure}-{scalar,layerwise}-{probit,mc,nn}``: a Laplace posterior over the last
 layer (``kron``, ``full``) or all weights (``kron``, ``diag``, ``lowrank``), fitted once on the
-training set, with the prior precision tuned by the evidence
-(``optimize_prior_precision(prior_structure=...)``, default arguments otherwise; rows
-``all-kron-tangent-*``: a scalar δ by the evidence of the linearised model at its own mode,
-``method="tangent"``, Antorán et al., ICML 2022), and the GLM
+training set, with the prior precision tuned by the evidence at the network's weights
+(``optimize_prior_precision(method="marglik", prior_structure=...)``, laplace-torch's
+default; rows ``all-kron-tangent-*``: a scalar δ by the evidence of the linearised model at its
+own mode, ``method="tangent"`` (Antorán et al., ICML 2022), marglik's default since issue 18,
+with its default search over rescalings of the weight tensors), and the GLM
 predictive with the probit or Monte Carlo link (``--samples``, default 100 as in both
 libraries), or the sampling (``nn``) predictive (``--nn-samples``, default 20 forward passes). A new
 posterior variant is one more ``register_row`` call. The probit and MC links of one posterior
@@ -271,7 +272,7 @@ def marglik_posterior(ctx: Context, subset: str, structure: str, prior: str):
             la.optimize_prior_precision(method="tangent", prior_structure="scalar",
                                         train_loader=ctx.train_loader)
         else:
-            la.optimize_prior_precision(prior_structure=prior)
+            la.optimize_prior_precision(method="marglik", prior_structure=prior)
         return la
 
     return timed(ctx, f"tune:{subset}-{structure}-{prior}", tune)

@@ -57,8 +57,8 @@ def main() -> None:
                 def steps(la=la, prior=prior, n_steps=n_steps, optimizer=optimizer,
                           history=history):
                     history.update(la.optimize_prior_precision(
-                        prior_structure=prior, n_steps=n_steps, init_prior_prec=1.0,
-                        optimizer=optimizer))
+                        method="marglik", prior_structure=prior, n_steps=n_steps,
+                        init_prior_prec=1.0, optimizer=optimizer))
 
                 t = median_time(steps, args.repeats)
                 print(json.dumps({

@@ -157,7 +157,7 @@ class Marglik:
         return float(la.log_marginal_likelihood(torch.tensor(delta)))
 
     def tune(self, la) -> float:
-        la.optimize_prior_precision(optimizer="lbfgs")
+        la.optimize_prior_precision(method="marglik", optimizer="lbfgs")
         return float(la.prior_precision)
 
 

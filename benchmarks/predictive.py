@@ -70,7 +70,7 @@ def prepare(name: str, folder: str, setting: str) -> dict:
     t0 = time.perf_counter()
     la.fit(DataLoader(TensorDataset(x, y), batch_size=256))
     fit_s = time.perf_counter() - t0
-    la.optimize_prior_precision(n_steps=100)
+    la.optimize_prior_precision(method="marglik", n_steps=100)
     torch.save(model.state_dict(), os.path.join(folder, f"{name}_model.pt"))
     torch.save(la.state_dict(), os.path.join(folder, f"{name}_laplace.pt"))
     with torch.no_grad():

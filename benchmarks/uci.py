@@ -166,8 +166,8 @@ def run_job(job):
         try:
             la = Laplace(m_map, "regression", "all", "kron", prior_precision=delta_map,
                          sigma_noise=math.sqrt(cv[delta_map])).fit(train_loader)
-            la.optimize_prior_precision(prior_structure="layerwise", tune_sigma=True,
-                                        n_steps=cfg["posthoc_steps"])
+            la.optimize_prior_precision(method="marglik", prior_structure="layerwise",
+                                        tune_sigma=True, n_steps=cfg["posthoc_steps"])
             fm, fv = la(Xt, pred_var=True)
             record("posthoc", fm.squeeze(-1).detach(), fv[:, 0, 0].detach(),
                    time.perf_counter() - t0 + t_map, sigma=la.sigma_noise.item())

@@ -206,7 +206,8 @@ class Marglik:
 
     def evidence(self, la, prior_structure: str) -> torch.Tensor:
         la.optimize_prior_precision(
-            prior_structure=prior_structure, n_steps=N_EVIDENCE_STEPS, init_prior_prec=1.0
+            method="marglik", prior_structure=prior_structure, n_steps=N_EVIDENCE_STEPS,
+            init_prior_prec=1.0,
         )
         return la.prior_precision.detach().reshape(-1).double()
 
@@ -835,7 +836,8 @@ def scale_child(args) -> dict:
     out["fit_s"] = round(t_fit, 2)
     out["fit_s_per_1000"] = round(1000 * t_fit / len(x), 2)
     out["peak_rss_after_fit_mb"] = round(_status_kb("VmHWM") / 1024, 1)
-    t_ev, _ = timed(synced(lambda: la.optimize_prior_precision(n_steps=N_EVIDENCE_STEPS)))
+    t_ev, _ = timed(synced(lambda: la.optimize_prior_precision(
+        method="marglik", n_steps=N_EVIDENCE_STEPS)))
     out["evidence_100_steps_s_incl_eigh"] = round(t_ev, 2)
     out["prior_precision"] = round(float(la.prior_precision), 4)
     reset_peak()

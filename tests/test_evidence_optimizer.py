@@ -61,8 +61,9 @@ def test_lbfgs_reaches_the_brute_force_optimum(task, prior):
     model, X, y, loader = _problem(task)
     tune_sigma = task == "regression"
     la = marglik.Laplace(model, task, hessian_structure="full").fit(loader)
-    hist = la.optimize_prior_precision(prior_structure=prior, tune_sigma=tune_sigma,
-                                       optimizer="lbfgs", init_prior_prec=1.0)
+    hist = la.optimize_prior_precision(method="marglik", prior_structure=prior,
+                                       tune_sigma=tune_sigma, optimizer="lbfgs",
+                                       init_prior_prec=1.0)
     assert len(hist["log_marglik"]) < 60  # converged, not stopped by the evaluation limit
     sizes = [p.numel() for p in model.parameters()]
     groups = (torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
@@ -82,7 +83,7 @@ def test_lbfgs_reaches_the_brute_force_optimum(task, prior):
     assert torch.equal(torch.tensor(hist["prior_precision"][-1]), la.prior_precision.cpu())
     # Adam with the same evidence evaluations' budget ends lower
     adam = marglik.Laplace(model, task, hessian_structure="full").fit(loader)
-    adam.optimize_prior_precision(prior_structure=prior, tune_sigma=tune_sigma,
+    adam.optimize_prior_precision(method="marglik", prior_structure=prior, tune_sigma=tune_sigma,
                                   n_steps=len(hist["log_marglik"]), init_prior_prec=1.0)
     assert adam.log_marginal_likelihood() < value - 1e-3
 
@@ -92,7 +93,8 @@ def test_lbfgs_is_stationary_for_other_structures(structure):
     """Gradient of the posterior's own evidence at the L-BFGS result: at rounding level."""
     model, X, y, loader = _problem("classification")
     la = marglik.Laplace(model, "classification", hessian_structure=structure).fit(loader)
-    hist = la.optimize_prior_precision(prior_structure="layerwise", optimizer="lbfgs")
+    hist = la.optimize_prior_precision(method="marglik", prior_structure="layerwise",
+                                       optimizer="lbfgs")
     ld = la.prior_precision.log().clone().requires_grad_(True)
     value = la.log_marginal_likelihood(ld.exp())
     (g,) = torch.autograd.grad(value, ld)
@@ -104,12 +106,12 @@ def test_lbfgs_bad_input_and_evaluation_limit():
     model, X, y, loader = _problem("classification")
     la = marglik.Laplace(model, "classification", hessian_structure="full").fit(loader)
     with pytest.raises(ValueError, match="optimizer"):
-        la.optimize_prior_precision(optimizer="sgd")
+        la.optimize_prior_precision(method="marglik", optimizer="sgd")
     with pytest.raises(ValueError, match="takes no optimizer"):
         la.optimize_prior_precision(method="gridsearch", optimizer="lbfgs", val_loader=loader)
     with pytest.raises(ValueError, match="L-BFGS"):
         la.optimize_prior_precision(method="tangent", optimizer="adam", train_loader=loader)
-    hist = la.optimize_prior_precision(prior_structure="layerwise", optimizer="lbfgs",
-                                       n_steps=3, init_prior_prec=1.0)
+    hist = la.optimize_prior_precision(method="marglik", prior_structure="layerwise",
+                                       optimizer="lbfgs", n_steps=3, init_prior_prec=1.0)
     assert len(hist["log_marglik"]) <= 4  # the start and at most n_steps evaluations after
     assert all(math.isfinite(v) for v in hist["log_marglik"])

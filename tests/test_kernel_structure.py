@@ -121,7 +121,8 @@ def test_last_layer_optimised_prior_and_round_trip(tmp_path):
     la = _fit(model, loader, "classification", subset_of_weights="last_layer")
     full = _fit(model, loader, "classification", "full", subset_of_weights="last_layer")
     for other in (la, full):
-        other.optimize_prior_precision(prior_structure="layerwise", optimizer="lbfgs")
+        other.optimize_prior_precision(method="marglik", prior_structure="layerwise",
+                                       optimizer="lbfgs")
     torch.testing.assert_close(la.prior_precision, full.prior_precision, rtol=1e-6, atol=0)
     torch.save(la.state_dict(), tmp_path / "la.pt")
     new = marglik.Laplace(model, "classification", subset_of_weights="last_layer",

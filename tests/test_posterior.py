@@ -148,7 +148,7 @@ def test_mackay_fixed_point_holds_at_the_optimised_scalar_prior(structure):
     model = mlp()
     x, y = torch.randn(30, 3), torch.randint(0, 4, (30,))
     la = marglik.Laplace(model, "classification", hessian_structure=structure).fit(loader(x, y))
-    la.optimize_prior_precision(prior_structure="scalar", n_steps=1000, lr=0.05)
+    la.optimize_prior_precision(method="marglik", prior_structure="scalar", n_steps=1000, lr=0.05)
     delta = la.prior_precision
     eig = torch.linalg.eigvalsh(la.H.to_dense()) if structure != "diag" else la.H.diag()
     if structure == "kron":  # eigenvalues of each Kronecker block G ⊗ A
@@ -164,14 +164,15 @@ def test_optimize_prior_precision_layerwise_and_sigma_improve_the_evidence():
     y = torch.sin(x.sum(1, keepdim=True)) + 0.1 * torch.randn(40, 1)
     la = marglik.Laplace(model, "regression", hessian_structure="kron").fit(loader(x, y))
     before = la.log_marginal_likelihood().item()
-    history = la.optimize_prior_precision(prior_structure="layerwise", tune_sigma=True, n_steps=200)
+    history = la.optimize_prior_precision(method="marglik", prior_structure="layerwise",
+                                          tune_sigma=True, n_steps=200)
     assert la.prior_precision.shape == (4,) and la.sigma_noise.shape == ()
     assert history["log_marglik"][-1] > before
     assert la.log_marginal_likelihood().item() == pytest.approx(
         max(history["log_marglik"]), abs=0.5
     )
     with pytest.raises(ValueError, match="prior_structure"):
-        la.optimize_prior_precision(prior_structure="blockwise")
+        la.optimize_prior_precision(method="marglik", prior_structure="blockwise")
 
 
 # ---- the Gaussian posterior: log_prob and samples -----------------------------------------------
@@ -226,7 +227,7 @@ def test_layerwise_prior_for_last_layer_kfac():
     model = mlp()
     x, y = torch.randn(20, 3), torch.randint(0, 4, (20,))
     la = marglik.Laplace(model, "classification", "last_layer", "kron").fit(loader(x, y))
-    la.optimize_prior_precision(prior_structure="layerwise", n_steps=20)
+    la.optimize_prior_precision(method="marglik", prior_structure="layerwise", n_steps=20)
     assert la.prior_precision.shape == (2,)
     H = oracle.ggn(model, x, y, oracle.categorical_nll, names=["2.weight", "2.bias"])
     delta = la.expand_prior(la.prior_precision)
@@ -260,7 +261,8 @@ def test_state_dict_round_trip(structure, tmp_path):
     x, y = torch.randn(20, 3), torch.randn(20, 4)
     la = marglik.Laplace(model, "regression", hessian_structure=structure, rank=6, sigma_noise=0.3)
     la.fit(loader(x, y))
-    la.optimize_prior_precision(prior_structure="layerwise", tune_sigma=True, n_steps=5)
+    la.optimize_prior_precision(method="marglik", prior_structure="layerwise", tune_sigma=True,
+                                n_steps=5)
     torch.save(la.state_dict(), tmp_path / "la.pt")
     state = torch.load(tmp_path / "la.pt", weights_only=True)
     new = marglik.Laplace(model, "regression", hessian_structure=structure).load_state_dict(state)

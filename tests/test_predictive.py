@@ -391,7 +391,7 @@ def test_glm_beats_nn_predictive_on_two_moons():
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     la = marglik.Laplace(model, "classification", prior_precision=1.0).fit(loader(x, y, 50))
-    la.optimize_prior_precision(n_steps=50)
+    la.optimize_prior_precision(method="marglik", n_steps=50)
     nll = {}
     for pred_type in ("glm", "nn"):
         p = la(xt, pred_type=pred_type, n_samples=100, generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import marglik
 from marglik.curvature.subsets import select_subset
-from marglik.posterior.tangent import ray_mode, ray_outputs, tangent_mode, tangent_outputs
+from marglik.posterior.tangent import tangent_mode, tangent_outputs
+from marglik.posterior.tangent_blocks import block_mode, block_outputs
 from tests import oracle
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*(silent|fell back|KFAC).*:UserWarning")
@@ -147,7 +148,8 @@ def test_tangent_evidence_is_stationary_for_classification(structure):
     assert all(e >= 1 for e in hist["mode_evaluations"])
     # and the δ it finds is far above the network-mode evidence's (the point of the method)
     la2 = marglik.Laplace(model, "classification", hessian_structure=structure)
-    la2.fit(_loader(X, y)).optimize_prior_precision(prior_structure="scalar", n_steps=300)
+    la2.fit(_loader(X, y)).optimize_prior_precision(method="marglik", prior_structure="scalar",
+                                                    n_steps=300)
     assert delta > la2.prior_precision
 
 
@@ -183,64 +185,91 @@ def test_tangent_evidence_is_the_exact_linear_gaussian_evidence():
     torch.testing.assert_close(la.tangent, t_ref, rtol=1e-3, atol=1e-5)
 
 
-def test_ray_outputs_are_the_jacobian_times_the_weights():
+def _blocks(model):
+    sizes = [p.numel() for p in model.parameters()]
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+
+def test_block_outputs_are_the_jacobian_times_each_tensor():
     model = _net()
     X, y = _classification()
-    sub = select_subset(model, "all")
-    out = ray_outputs(model, sub, _loader(X, y))
+    out, block = block_outputs(model, select_subset(model, "all"), _loader(X, y))
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-    torch.testing.assert_close(torch.cat([g for g, _ in out]),
-                               torch.einsum("ndp,p->nd", oracle.jacobians(model, X), theta),
-                               rtol=1e-12, atol=1e-12)
+    assert torch.equal(block, _blocks(model))
+    J = oracle.jacobians(model, X)
+    ref = torch.stack([torch.einsum("ndp,p->nd", J, torch.where(block == k, theta, 0.0))
+                       for k in range(4)], -1)
+    torch.testing.assert_close(torch.cat([g for g, _ in out]), ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.cat([t for _, t in out]), y, rtol=0, atol=0)
+    # the span holds the network itself: its last layer's weight and bias columns sum to f
+    torch.testing.assert_close(ref[..., 2] + ref[..., 3], model(X).detach(), rtol=1e-12,
+                               atol=1e-12)
 
 
-def test_ray_mode_regression_in_closed_form():
-    """Gaussian: c* = (gᵀy/σ² + δ θᵀμ0) / (gᵀg/σ² + δ‖θ‖²) with g = J θ*."""
+def test_block_outputs_of_a_subnetwork_drop_unselected_tensors():
+    model = _net()
+    X, y = _classification()
+    mask = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.bool)
+    mask[20:23] = True  # first layer's bias
+    mask[-3:] = True  # last layer's bias
+    out, block = block_outputs(model, select_subset(model, "subnetwork", mask), _loader(X, y))
+    assert block.tolist() == [0, 0, 0, 1, 1, 1] and out[0][0].shape[-1] == 2
+
+
+def test_block_mode_regression_in_closed_form():
+    """Gaussian: c* = (GᵀG/σ² + δ diag‖θ_k‖²)⁻¹ (Gᵀy/σ² + δ μ0 Σθ_k), G[:, k] = J θ*_k."""
     model = _net(d_out=1)
     X, y = _regression()
     sub = select_subset(model, "all")
-    out = ray_outputs(model, sub, _loader(X, y))
-    g = torch.cat([o for o, _ in out])[:, 0]
+    out, block = block_outputs(model, sub, _loader(X, y))
+    G = torch.cat([o for o, _ in out])[:, 0, :]
     theta = sub.vector(model).detach()
     delta, mu0, sigma = torch.tensor(3.0, dtype=X.dtype), torch.tensor(0.05, dtype=X.dtype), 0.3
     lik = marglik.likelihoods.get_likelihood("regression", sigma_noise=sigma)
-    c, _ = ray_mode(lik, out, theta, delta, mu0, torch.tensor(1.0, dtype=X.dtype))
-    ref = (g @ y[:, 0] / sigma**2 + delta * mu0 * theta.sum()) / (
-        g @ g / sigma**2 + delta * theta @ theta)
+    c, _ = block_mode(lik, out, theta, block, delta, mu0, torch.ones(4, dtype=X.dtype))
+    sq = torch.zeros(4, dtype=X.dtype).index_add_(0, block, theta.square())
+    sums = torch.zeros(4, dtype=X.dtype).index_add_(0, block, theta)
+    ref = torch.linalg.solve(G.T @ G / sigma**2 + delta * torch.diag(sq),
+                             G.T @ y[:, 0] / sigma**2 + delta * mu0 * sums)
     torch.testing.assert_close(c, ref, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("structure", ["full", "kron"])
-def test_ray_search_ends_at_its_fixed_point(structure):
-    """tangent_search="ray": t = c θ* with c the ray's mode for the final δ, the curvature
-    fitted at c J θ*, and ∂ log Z / ∂ log δ = 0 there; a δ far above the evidence at θ*."""
+def test_scales_search_ends_at_its_fixed_point(structure):
+    """tangent_search="scales" (the default): t = c[block] ⊙ θ* with c the mode over the
+    tensors' scales for the final δ, the curvature fitted at J t, ∂ log Z / ∂ log δ = 0 there,
+    and a δ far above the evidence at θ*."""
     model = _net()
     X, y = _classification()
     la = marglik.Laplace(model, "classification", hessian_structure=structure)
     la.fit(_loader(X, y))
-    hist = la.optimize_prior_precision(method="tangent", train_loader=_loader(X, y),
-                                       prior_structure="scalar")
+    hist = la.optimize_prior_precision(prior_structure="scalar")
     assert len(hist["log_marglik"]) < 50 and all(e == 0 for e in hist["mode_evaluations"])
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-    c = torch.tensor(hist["ray"][-1], dtype=X.dtype)
-    torch.testing.assert_close(la.tangent, c * theta, rtol=1e-12, atol=1e-12)
+    block = _blocks(model)
+    c = torch.tensor(hist["scales"][-1], dtype=X.dtype)
+    torch.testing.assert_close(la.tangent, c[block] * theta, rtol=1e-12, atol=1e-12)
     J = oracle.jacobians(model, X)
-    g = torch.einsum("ndp,p->nd", J, theta)
     delta = la.prior_precision.detach()
-    cc = c.clone().requires_grad_(True)  # the ray objective's slope at c (dense maths)
-    objective = oracle.categorical_nll(cc * g, y).sum() + 0.5 * delta * (cc * theta).square().sum()
+    cc = c.clone().requires_grad_(True)  # the objective's slope in c (dense maths)
+    t = cc[block] * theta
+    objective = oracle.categorical_nll(torch.einsum("ndp,p->nd", J, t), y).sum() \
+        + 0.5 * delta * t.square().sum()
     (slope,) = torch.autograd.grad(objective, cc)
-    assert abs(slope.item()) < 1e-6
+    # c is the mode for the δ before the last round's step, which moved δ by < 1e-4 (relative)
+    prior_slope = delta * c * torch.zeros(4, dtype=X.dtype).index_add_(0, block, theta.square())
+    assert (slope.abs() <= 1e-3 * prior_slope.abs() + 1e-8).all()
     if structure == "full":
-        Lam = oracle.output_hessians(oracle.categorical_nll, c * g, y)
+        h = torch.einsum("ndp,p->nd", J, c[block] * theta)
+        Lam = oracle.output_hessians(oracle.categorical_nll, h, y)
         torch.testing.assert_close(la.H.to_dense(), torch.einsum("ndp,nde,neq->pq", J, Lam, J),
                                    rtol=1e-10, atol=1e-12)
     log_delta = delta.log().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(la.log_marginal_likelihood(log_delta.exp()), log_delta)
     assert abs(grad.item()) < 1e-3
     la2 = marglik.Laplace(model, "classification", hessian_structure=structure)
-    la2.fit(_loader(X, y)).optimize_prior_precision(prior_structure="scalar", n_steps=300)
+    la2.fit(_loader(X, y)).optimize_prior_precision(method="marglik", prior_structure="scalar",
+                                                    n_steps=300)
     assert delta > la2.prior_precision
 
 
@@ -262,9 +291,24 @@ def test_tangent_state_round_trip_and_model_untouched():
 def test_tangent_bad_input():
     model = _net()
     X, y = _classification()
-    la = marglik.Laplace(model, "classification", hessian_structure="kron").fit(_loader(X, y))
+    la = marglik.Laplace(model, "classification", hessian_structure="kron")
+    la.fit(iter(_loader(X, y)))  # a one-shot iterator: not kept
+    assert la.train_loader is None
     with pytest.raises(ValueError, match="train_loader"):
         la.optimize_prior_precision(method="tangent")
+    with pytest.warns(UserWarning, match="does not hold"):  # the default falls back, loudly
+        hist = la.optimize_prior_precision()
+    assert "scales" not in hist
+    la.fit(_loader(X, y))
+    with pytest.raises(ValueError, match="search must be"):
+        la.optimize_prior_precision(tangent_search="ray")
+    with pytest.raises(ValueError, match="tune_sigma needs a regression"):
+        la.optimize_prior_precision(tune_sigma=True)
+    loaded = marglik.Laplace(model, "classification", hessian_structure="kron")
+    loaded.load_state_dict(la.state_dict())
+    assert loaded.train_loader is None
+    with pytest.warns(UserWarning, match="does not hold"):
+        loaded.optimize_prior_precision()
     with pytest.raises(ValueError, match="tangent must have shape"):
         la.fit(_loader(X, y), tangent=torch.zeros(3))
     with pytest.raises(ValueError, match="NaN"):

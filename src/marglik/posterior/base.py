@@ -50,12 +50,17 @@ class Posterior(ABC):
         likelihood: a :class:`~marglik.likelihoods.Likelihood`.
         prior: the :class:`~marglik.posterior.prior.Prior` N(μ0, diag(δ)⁻¹).
         n_data: number of training samples seen by :meth:`fit` (0 before).
+        train_loader: the data of the last :meth:`fit` when they can be iterated again (a
+            ``DataLoader``, a list), for evidence methods that pass over the data again
+            (:meth:`optimize_prior_precision`'s default); ``None`` for a one-shot iterator or
+            a posterior loaded from a ``state_dict``. Not saved.
     """
 
     model: nn.Module
     likelihood: Likelihood
     prior: Prior
     n_data: int = 0
+    train_loader: Iterable | None = None
 
     # ---- shared set-up --------------------------------------------------------------------------
     def _init_model(self, model: nn.Module, likelihood: str | Likelihood,
@@ -175,7 +180,7 @@ class Posterior(ABC):
 
     def optimize_prior_precision(
         self,
-        method: str = "marglik",
+        method: str | None = None,
         prior_structure: str | None = None,
         tune_sigma: bool = False,
         n_steps: int = 100,
@@ -195,9 +200,16 @@ class Posterior(ABC):
         progress_bar: bool = False,
         train_loader: Iterable | None = None,
         optimizer: str | None = None,
-        tangent_search: str = "ray",
+        tangent_search: str = "scales",
     ) -> dict[str, list]:
-        """Tune δ (and σ) post hoc: by the evidence (``"marglik"``, ``"tangent"``) or validation.
+        """Tune δ (and σ) post hoc: by the evidence (``"tangent"``, ``"marglik"``) or validation.
+
+        The default is ``"tangent"`` on the data of :meth:`fit` for a weight-space Laplace
+        posterior that holds them (:attr:`train_loader`), else ``"marglik"``. laplace-torch's
+        default is ``"marglik"``: the evidence at the network's weights, which picks a δ far too
+        small for a trained network and an underconfident predictive (test NLL 2–3× the
+        network's on digits, σ near the targets' whole spread on UCI regression;
+        ``docs/calibration.md`` §6–7); pass ``method="marglik"`` for it.
 
         ``"marglik"`` maximises the evidence over δ (and σ) by Adam in log space
         (:mod:`marglik.evidence`). ``"gridsearch"`` (laplace-torch's) tries the scalar δ
@@ -210,7 +222,9 @@ class Posterior(ABC):
         in each round; afterwards the posterior holds that fit (``la.tangent`` is t*).
 
         Args:
-            method: ``"marglik"``, ``"tangent"`` or ``"gridsearch"``.
+            method: ``"tangent"``, ``"marglik"`` or ``"gridsearch"``; default (``None``):
+                ``"tangent"`` when it applies (above), else ``"marglik"`` (with a warning for a
+                weight-space posterior without its training data).
             prior_structure: ``"scalar" | "layerwise" | "diagonal"`` (``"diag"`` too); default
                 keeps δ's shape. Grid search searches a scalar δ.
             tune_sigma: also learn σ (regression only, scalar σ; ``"marglik"`` only).
@@ -228,11 +242,11 @@ class Posterior(ABC):
                 ``"marglik"``, as in laplace-torch).
             val_loader: validation batches (x, y) for grid search.
             train_loader: the training batches for ``"tangent"`` (re-iterable; the data of
-                :meth:`fit`). ``n_steps`` is then the most evidence evaluations (L-BFGS) per
-                round.
-            tangent_search: where ``"tangent"`` seeks the tangent model's mode: ``"ray"``
-                (t = c θ*; one forward-mode pass, then a curvature fit per round) or ``"full"``
-                (all of t; 60–120 passes per round); see
+                :meth:`fit`, the default). ``n_steps`` is then the most evidence evaluations
+                (L-BFGS) per round.
+            tangent_search: where ``"tangent"`` seeks the tangent model's mode:
+                ``"scales"`` (t = Σ_k c_k θ*_k over θ*'s K tensors; K forward-mode passes, then
+                a curvature fit per round) or ``"full"`` (all of t; 60–120 passes per round); see
                 :func:`marglik.posterior.tangent.optimize_tangent_evidence`.
             loss: validation loss for grid search, lower is better. Default: the mean negative
                 log predictive density — categorical / Bernoulli for classification, Gaussian
@@ -252,13 +266,16 @@ class Posterior(ABC):
         progress = progress or progress_bar
         if prior_structure == "diag":  # laplace-torch's name
             prior_structure = "diagonal"
+        if train_loader is None and method in (None, "tangent"):
+            train_loader = self.train_loader
+        if method is None:
+            method = self._default_evidence(train_loader)
+        if val_loader is not None and method in ("marglik", "tangent"):
+            warnings.warn(
+                f"val_loader is ignored by method={method!r}: did you mean method='gridsearch'?",
+                stacklevel=2,
+            )
         if method == "marglik":
-            if val_loader is not None:
-                warnings.warn(
-                    "val_loader is ignored by method='marglik': did you mean "
-                    "method='gridsearch'?",
-                    stacklevel=2,
-                )
             history = optimize_hyperparameters(
                 self, prior_structure, tune_sigma, n_steps, lr, init_prior_prec, progress,
                 optimizer or "adam",
@@ -268,7 +285,9 @@ class Posterior(ABC):
                 raise ValueError(f"method='tangent' maximises the evidence of each round by "
                                  f"L-BFGS; optimizer={optimizer!r} is not available")
             if train_loader is None:
-                raise ValueError("method='tangent' needs the training data: train_loader=...")
+                raise ValueError("method='tangent' needs the training data: train_loader=... "
+                                 "(this posterior holds none: loaded from a state_dict, or "
+                                 "fitted on a one-shot iterator)")
             if not hasattr(self, "tangent"):
                 raise ValueError(f"method='tangent' needs a weight-space Laplace posterior, not "
                                  f"{type(self).__name__}")
@@ -306,6 +325,21 @@ class Posterior(ABC):
             print(f"Optimized prior precision is {self.prior_precision}.")
         return history
 
+    def _default_evidence(self, train_loader: Iterable | None) -> str:
+        """``optimize_prior_precision``'s default method: the tangent evidence where it applies."""
+        if not hasattr(self, "tangent"):  # not a weight-space Laplace posterior
+            return "marglik"
+        if train_loader is None:
+            warnings.warn(
+                "optimize_prior_precision() maximises the tangent evidence on the training data, "
+                "which this posterior does not hold (loaded from a state_dict, or fitted on a "
+                "one-shot iterator): using the evidence at the network's weights "
+                "(method='marglik'), which is underconfident for trained networks; pass "
+                "train_loader=... for the default",
+                stacklevel=3,
+            )
+            return "marglik"
+        return "tangent"
     def predictive_samples(
         self,
         x: Any,

@@ -30,7 +30,7 @@ from marglik.posterior.glm import glm_moment_chunks, glm_moments
 from marglik.posterior.prior import Prior, check_precision
 from marglik.posterior.samples import sample_outputs
 from marglik.posterior.state import laplace_state, load_laplace_state
-from marglik.posterior.tangent import tangent_outputs
+from marglik.posterior.tangent_model import tangent_outputs
 from marglik.structures import BlockDiagonal
 
 __all__ = ["Laplace"]
@@ -187,6 +187,7 @@ class Laplace(Posterior):
                 outputs=outputs,
             )
         self.H, self.statistics, self.n_data = curv.structure, curv.statistics, curv.n_data
+        self.train_loader = None if isinstance(train_loader, Iterator) else train_loader
         self.mean = self.subset.vector(self.model)
         self.tangent = None if tangent is None else tangent.detach().clone()
         self._sigma_fit = (
@@ -429,6 +430,7 @@ class Laplace(Posterior):
         Its tensors are moved to the device of the model, whichever device they were saved on.
         """
         load_laplace_state(self, state)
+        self.train_loader = None  # the data are not saved
         if not torch.allclose(self.subset.vector(self.model).to(self.mean), self.mean):
             warnings.warn(
                 "the model's weights differ from the posterior mean of the loaded state",

@@ -27,58 +27,27 @@ The predictive keeps the network's f(x; θ*) as its mean.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
 from tqdm.auto import trange
 
-from marglik.curvature.batches import Inputs, batches, model_args, tree_map
-from marglik.curvature.runtime import eval_mode, no_fused_attention
+from marglik.curvature.batches import batches, tree_map
+from marglik.curvature.runtime import eval_mode
 from marglik.curvature.subsets import ParameterSubset
 from marglik.evidence.optimize import optimize_hyperparameters
 from marglik.likelihoods import Likelihood
+from marglik.posterior.tangent_blocks import block_mode, block_outputs
+from marglik.posterior.tangent_model import tangent_outputs
 
 if TYPE_CHECKING:
     from marglik.posterior.laplace import Laplace
 
-__all__ = ["optimize_tangent_evidence", "ray_mode", "ray_outputs", "tangent_mode",
-           "tangent_outputs"]
-
-
-def tangent_outputs(
-    model: nn.Module, subset: ParameterSubset, t: Tensor
-) -> Callable[[Inputs], Tensor]:
-    """x -> h(x; t) = J(x; θ*) t, (B, ...) — one forward-mode pass (``torch.func.jvp``).
-
-    ``t`` (P,) lives in the subset's coordinates; parameters outside the subset are held fixed.
-    Differentiable in ``t``. Run it with the model in eval mode (as the curvature is fitted).
-    """
-    params = {n: p.detach() for n, p in subset.parameters(model).items()}
-
-    def tangents() -> dict[str, Tensor]:
-        flat = t
-        if subset.index is not None:
-            full = torch.zeros(sum(p.numel() for p in params.values()), dtype=t.dtype,
-                               device=t.device)
-            flat = full.index_put((subset.index,), t)
-        out, start = {}, 0
-        for name, p in params.items():
-            out[name] = flat[start : start + p.numel()].reshape(p.shape).to(p.dtype)
-            start += p.numel()
-        return out
-
-    def h(x: Inputs) -> Tensor:
-        def f(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, p, model_args(x))
-
-        with no_fused_attention():  # fused attention kernels have no forward mode
-            return jvp(f, (params,), (tangents(),))[1]
-
-    return h
+__all__ = ["optimize_tangent_evidence", "tangent_mode", "tangent_outputs"]
 
 
 def tangent_mode(
@@ -152,64 +121,9 @@ def tangent_mode(
     return (prior_mean + u.detach() / scale).detach(), info
 
 
-def ray_outputs(
-    model: nn.Module,
-    subset: ParameterSubset,
-    loader: Iterable,
-    dict_key_x: str = "input_ids",
-    dict_key_y: str = "labels",
-) -> list[tuple[Tensor, Any]]:
-    """[(J(x; θ*) θ*, y)] per batch: the tangent model's outputs along the ray t = c θ*.
-
-    On that ray h(x; c θ*) = c · J(x; θ*) θ*, so one forward-mode pass over ``loader`` gives
-    the tangent model for every c; the outputs (N, ...) and targets are kept in memory. For a
-    network positively homogeneous of degree L in its weights (ReLU, no biases) J θ* = L f
-    (Euler), so the ray holds the network's own outputs, rescaled.
-    """
-    h = tangent_outputs(model, subset, subset.vector(model).detach())
-    return [(h(x).detach(), y) for x, y in batches(loader, model, dict_key_x, dict_key_y)]
-
-
-def ray_mode(
-    likelihood: Likelihood,
-    outputs: list[tuple[Tensor, Any]],
-    theta: Tensor,
-    precision: Tensor,
-    prior_mean: Tensor,
-    start: Tensor,
-    tol: float | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """c* = argmin_c −Σ_n log p(y_n | c J(x_n) θ*) + ½ (c θ* − μ0)ᵀ P0 (c θ* − μ0).
-
-    The tangent model's mode restricted to the ray t = c θ*: a one-dimensional convex problem
-    on the cached outputs of :func:`ray_outputs` (no pass over the data), by L-BFGS with a
-    strong-Wolfe line search from ``start`` (0-d) to a gradient below ``tol`` (default 1e-10
-    in float64, 1e-5 otherwise) times 1 + |the gradient at the start|.
-
-    Returns:
-        (c*, info) with info's ``"objective"`` and ``"gradient"`` at c*.
-    """
-    c = start.detach().clone().requires_grad_(True)
-    if tol is None:
-        tol = 1e-10 if c.dtype == torch.float64 else 1e-5
-
-    def objective() -> Tensor:
-        c.grad = None
-        t = c * theta
-        total = 0.5 * (precision * (t - prior_mean).square()).sum()
-        for g, y in outputs:
-            total = total - likelihood.log_prob(c.to(g.dtype) * g, y).sum()
-        total.backward()
-        return total.detach()
-
-    objective()
-    size = 1.0 + float(c.grad.abs())
-    optimizer = torch.optim.LBFGS([c], lr=1, max_iter=100, tolerance_grad=tol * size,
-                                  tolerance_change=0.0, line_search_fn="strong_wolfe")
-    optimizer.step(objective)
-    final = objective()
-    return c.detach(), {"objective": float(final), "gradient": float(c.grad.abs())}
-
+#: most alternations of c and δ at one curvature in a round of ``search="scales"``; the rounds
+#: go on from wherever they stop
+INNER_STEPS = 10
 
 #: largest data size (bytes) kept in memory by :func:`tangent_mode` between evaluations
 REPLAY_BYTES = 2**30
@@ -244,7 +158,7 @@ def optimize_tangent_evidence(
     max_rounds: int = 50,
     rtol: float | None = None,
     progress: bool = False,
-    search: str = "ray",
+    search: str = "scales",
 ) -> dict[str, list]:
     """Maximise the tangent model's evidence at its own mode over δ (and σ); refit at the end.
 
@@ -261,50 +175,56 @@ def optimize_tangent_evidence(
 
     - ``"full"``: over all of t (:func:`tangent_mode`, warm-started): the tangent model's mode,
       60–120 passes over the data per round (L-BFGS).
-    - ``"ray"`` (default): on the ray t = c θ* (:func:`ray_mode`), which holds the network's
-      own outputs rescaled (Euler's identity for homogeneous networks), after one forward-mode
-      pass over the data; within a round c and δ (σ) alternate at the round's curvature until δ
-      settles, so a round costs one curvature fit. The evidence at the ray's mode is at most
-      the one at the full mode. On digits MLPs it picks δ within 10 % of the full search's and
-      the same test NLL (``docs/calibration.md`` §6) at a few curvature fits in all.
+    - ``"scales"`` (default): over rescalings of θ*'s parameter tensors, t = Σ_k c_k θ*_k
+      (:func:`block_mode`), a span that holds the network's own outputs and, for homogeneous
+      networks, the Euler ray; after K forward-mode passes over the data (one per tensor),
+      c and δ (σ) alternate within a round at the round's curvature until δ settles (at
+      most :data:`INNER_STEPS` times), so a round costs one curvature fit. The joint log
+      density (data fit plus prior term) at its mode is at most the full mode's.
+      ``docs/calibration.md`` §6 compares the two on digits, MNIST and UCI regression.
 
     Returns:
         history: per round ``"log_marglik"`` (the evidence after the round's steps),
         ``"prior_precision"``, ``"sigma_noise"``, ``"mode_gradient"`` (the largest entry of
-        the tangent objective's gradient at t*; in c on the ray), ``"mode_evaluations"``
-        (passes over the data that the mode took; 0 on the ray) and ``"ray"`` (c, ray only).
+        the tangent objective's gradient at t*; in c for ``"scales"``),
+        ``"mode_evaluations"`` (passes over the data that the mode took; 0 for ``"scales"``)
+        and ``"scales"`` (c, ``"scales"`` only).
     """
     la.require_fit()
-    if search not in ("ray", "full"):
-        raise ValueError(f"search must be 'ray' or 'full', got {search!r}")
+    if tune_sigma and la.sigma_noise is None:
+        raise ValueError(f"tune_sigma needs a regression likelihood, not {la.likelihood.task}")
+    if search not in ("scales", "full"):
+        raise ValueError(f"search must be 'scales' or 'full', got {search!r}")
     if rtol is None:
         rtol = 1e-4 if la.dtype == torch.float64 else 1e-3
     history: dict[str, list] = {"log_marglik": [], "prior_precision": [], "sigma_noise": [],
-                                "mode_gradient": [], "mode_evaluations": [], "ray": []}
+                                "mode_gradient": [], "mode_evaluations": [], "scales": []}
     t = la.tangent if la.tangent is not None else torch.zeros_like(la.mean)
-    if search == "ray":
+    if search == "scales":
         theta = la.mean
         with eval_mode(la.model, ()):
-            outputs = ray_outputs(la.model, la.subset, train_loader, la.dict_key_x, la.dict_key_y)
-        c = torch.ones((), dtype=theta.dtype, device=theta.device)
+            outputs, block = block_outputs(la.model, la.subset, train_loader, la.dict_key_x,
+                                           la.dict_key_y)
+        c = torch.ones(int(block.max()) + 1, dtype=theta.dtype, device=theta.device)
     logs: list[Tensor] = []  # log δ (and log σ) after each round, for the extrapolation
     change = float("nan")  # the largest change of log δ (and log σ) in the last round
     for k in trange(max_rounds, disable=not progress, desc="tangent evidence"):
         before = _log_hyperparameters(la, tune_sigma)
         structure, init = (prior_structure, init_prior_prec) if k == 0 else (None, None)
-        if search == "ray":  # c and δ alternate at this round's curvature
-            for _ in range(max_rounds):
-                c, info = ray_mode(la.likelihood, outputs, theta,
-                                   la.prior.expand(la.prior_precision).detach(), la.prior.mean, c)
-                la.tangent = c * theta  # the prior term's point; the curvature stays
+        if search == "scales":  # c and δ alternate at this round's curvature
+            for _ in range(INNER_STEPS):
+                c, info = block_mode(la.likelihood, outputs, theta, block,
+                                     la.prior.expand(la.prior_precision).detach(), la.prior.mean,
+                                     c)
+                la.tangent = c[block] * theta  # the prior term's point; the curvature stays
                 inner = _log_hyperparameters(la, tune_sigma)
                 optimize_hyperparameters(la, structure, tune_sigma, n_steps, lr, init,
                                          optimizer="lbfgs")
                 structure, init = None, None
-                if bool(((_log_hyperparameters(la, tune_sigma) - inner).abs() < rtol).all()):
+                if bool((_change(_log_hyperparameters(la, tune_sigma), inner) < rtol).all()):
                     break
-            t, info["evaluations"] = c * theta, 0
-            history["ray"].append(float(c))
+            t, info["evaluations"] = c[block] * theta, 0
+            history["scales"].append(c.tolist())
         else:
             with eval_mode(la.model, ()):
                 t, info = tangent_mode(
@@ -321,8 +241,8 @@ def optimize_tangent_evidence(
         history["mode_gradient"].append(info["gradient"])
         history["mode_evaluations"].append(info["evaluations"])
         after = _log_hyperparameters(la, tune_sigma)
-        change = float((after - before).abs().max())
-        settled = ((after - before).abs() < rtol) | _switched_off(la, t, tune_sigma)
+        change = float(_change(after, before).max())
+        settled = (_change(after, before) < rtol) | _switched_off(la, t, tune_sigma)
         if k > 0 and bool(settled.all()):
             break
         logs.append(after)
@@ -347,6 +267,13 @@ def _log_hyperparameters(la: Laplace, tune_sigma: bool) -> Tensor:
     return torch.cat(parts)
 
 
+def _change(after: Tensor, before: Tensor) -> Tensor:
+    """|after − before| per entry; +inf everywhere when a prior structure changed δ's shape."""
+    if after.shape != before.shape:
+        return torch.full_like(after, math.inf)
+    return (after - before).abs()
+
+
 def _switched_off(la: Laplace, t: Tensor, tune_sigma: bool) -> Tensor:
     """Per entry of :func:`_log_hyperparameters`: a prior group the evidence switches off.
 
@@ -356,7 +283,8 @@ def _switched_off(la: Laplace, t: Tensor, tune_sigma: bool) -> Tensor:
     """
     delta = la.prior_precision.detach()
     off = torch.zeros(delta.numel() + int(tune_sigma), dtype=torch.bool, device=delta.device)
-    if delta.ndim == 0:
+    if delta.ndim == 0:  # one group: the whole tangent model switched off (no signal)
+        off[0] = bool(delta * (t - la.prior.mean).square().sum() < 1e-3)
         return off
     group = la.prior.expand(torch.arange(1, delta.numel() + 1, dtype=delta.dtype,
                                          device=delta.device)).long() - 1
