@@ -50,17 +50,18 @@ def undirected_edges(edge_index: Tensor, n_nodes: int) -> Tensor:
 
 
 def normalized_adjacency(edge_index: Tensor, n_nodes: int,
-                         dtype: torch.dtype = torch.float32) -> Tensor:
+                         dtype: torch.dtype | None = None) -> Tensor:
     """Â = D̃^{-1/2}(A + I)D̃^{-1/2} as a coalesced sparse COO tensor ``(N, N)``.
 
     Args:
         edge_index: Undirected edges, shape ``(2, E)``, integer node ids in ``[0, N)``.
         n_nodes: N, the number of nodes (isolated nodes keep their self-loop, Â_ii = 1).
-        dtype: Floating dtype of the values.
+        dtype: Floating dtype of the values (default: torch's default dtype).
 
     Returns:
         Sparse ``(N, N)`` tensor, symmetric, with ``nnz = 2·E' + N`` for E' distinct edges.
     """
+    dtype = torch.get_default_dtype() if dtype is None else dtype
     if not dtype.is_floating_point:
         raise MarglikError(f"dtype must be floating, got {dtype}")
     und = undirected_edges(edge_index, n_nodes)

@@ -35,7 +35,7 @@ class GraphData(NamedTuple):
 
 def contextual_sbm(n_nodes: int = 600, n_classes: int = 3, n_features: int = 20,
                    p_in: float = 0.03, p_out: float = 0.005, mean_distance: float = 1.0,
-                   seed: int = 0, dtype: torch.dtype = torch.float32) -> GraphData:
+                   seed: int = 0, dtype: torch.dtype | None = None) -> GraphData:
     """Draw one graph from the contextual SBM of the module docstring.
 
     Args:
@@ -46,7 +46,7 @@ def contextual_sbm(n_nodes: int = 600, n_classes: int = 3, n_features: int = 20,
         p_out: Edge probability between communities.
         mean_distance: r, the norm of each class mean (feature signal strength).
         seed: Seed of the generator.
-        dtype: Dtype of the features.
+        dtype: Dtype of the features (default: torch's default dtype).
     """
     for name, v in (("n_nodes", n_nodes), ("n_classes", n_classes), ("n_features", n_features)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -67,4 +67,4 @@ def contextual_sbm(n_nodes: int = 600, n_classes: int = 3, n_features: int = 20,
     directions = torch.randn(n_classes, n_features, generator=g, dtype=torch.float64)
     means = mean_distance * directions / directions.norm(dim=1, keepdim=True)
     x = means[y] + torch.randn(n_nodes, n_features, generator=g, dtype=torch.float64)
-    return GraphData(x.to(dtype), edge_index, y, n_classes)
+    return GraphData(x.to(dtype or torch.get_default_dtype()), edge_index, y, n_classes)
