@@ -60,6 +60,11 @@ def _check_rows(alpha: Tensor, allowed: Tensor) -> Tensor:
         ) from None
 
 
+def _standard_gamma(alpha: Tensor) -> Tensor:
+    """Gamma(α, 1) samples with implicit gradients (one name, so tests can fix the noise)."""
+    return torch._standard_gamma(alpha)
+
+
 def masked_rsample(alpha: Tensor, allowed: Tensor) -> Tensor:
     """One reparameterised sample of every row w ~ Dir(α restricted to the allowed positions).
 
@@ -74,7 +79,7 @@ def masked_rsample(alpha: Tensor, allowed: Tensor) -> Tensor:
     allowed = _check_rows(alpha, allowed)
     safe = torch.where(allowed, alpha, torch.ones_like(alpha))
     # as torch.distributions.Gamma: a sample that underflowed to 0 becomes the smallest normal
-    g = torch._standard_gamma(safe).clamp(min=torch.finfo(alpha.dtype).tiny)
+    g = _standard_gamma(safe).clamp(min=torch.finfo(alpha.dtype).tiny)
     g = torch.where(allowed, g, torch.zeros_like(g))
     total = g.sum(-1, keepdim=True)
     return g / torch.where(total > 0, total, torch.ones_like(total))
