@@ -48,7 +48,8 @@ def allowed_keys(padding_mask: Tensor | None, n: int, length: int, causal: bool,
                 f"padding_mask must be a bool tensor of shape {(n, length)}, got "
                 f"{padding_mask.dtype} {tuple(padding_mask.shape)}"
             )
-        if bool(padding_mask.all(-1).any()):
+        # a data-dependent check, skipped under torch.func transforms (vmap cannot run it)
+        if not torch._C._are_functorch_transforms_active() and bool(padding_mask.all(-1).any()):
             raise MarglikError("padding_mask pads every token of a sequence: nothing to attend to")
         allowed = allowed & ~padding_mask[:, None, None, :]
     if causal:

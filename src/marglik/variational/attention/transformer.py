@@ -89,13 +89,13 @@ class TransformerClassifier(nn.Module):
                                f"{tuple(ids.shape)}")
         if ids.shape[1] > self.max_len:
             raise MarglikError(f"sequences of length {ids.shape[1]} exceed max_len {self.max_len}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+        checks = not torch._C._are_functorch_transforms_active()  # no .item() under vmap
+        if checks and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise MarglikError(f"token ids must lie in [0, {self.vocab_size})")
         padding = ids == self.pad_id
-        mask = padding if bool(padding.any()) else None
         h = self.embed(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
         for block in self.blocks:
-            h = block(h, mask)
+            h = block(h, padding)
         keep = (~padding).to(h.dtype)[..., None]
         pooled = (self.norm(h) * keep).sum(1) / keep.sum(1).clamp(min=1.0)
         return self.head(pooled)
