@@ -62,6 +62,14 @@ def test_kl_matches_torch_distributions_per_masked_row():
     torch.testing.assert_close(sym, torch.stack([ref, torch.zeros((), dtype=D)]))
 
 
+def test_kl_gradcheck_in_both_concentrations():
+    g = torch.Generator().manual_seed(11)
+    alpha = (torch.rand(3, 4, generator=g, dtype=D) + 0.2).requires_grad_()
+    beta = torch.tensor(0.9, dtype=D, requires_grad=True)  # the prior hyperparameter
+    allowed = ragged_mask([4, 2, 3], 4)
+    assert torch.autograd.gradcheck(lambda a, b: dirichlet_kl(a, b, allowed), (alpha, beta))
+
+
 def test_rsample_rows_sum_to_one_with_zeros_at_masked_positions_and_mean():
     torch.manual_seed(1)
     alpha = torch.tensor([[0.5, 2.0, 1.0, 3.0], [1.5, 0.2, 4.0, 0.7]], dtype=D)
