@@ -1,6 +1,7 @@
 """Dirichlet attention against softmax-attention baselines on a synthetic sequence task (JSON).
 
     python benchmarks/dirichlet_attention.py [--seeds 0 1 2] [--epochs 20] [--plots DIR]
+    python benchmarks/dirichlet_attention.py --table results.jsonl   # Markdown, mean ± std
 
 Task ("majority marker"): token 0 pads, tokens 1–4 are markers (the classes), 5–19 filler.
 A sequence of length 10–16 holds 0–2 copies of each marker (at least one marker) and filler;
@@ -186,12 +187,29 @@ def save_plots(plots: dict, y_by_seed: dict, folder: Path) -> None:
     fig.savefig(folder / "dirichlet-attention-ood.png")
 
 
+def table(path: Path) -> None:
+    """Print the Markdown table of mean ± standard deviation over seeds of a results file."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "method" in r and "error" not in r]
+    keys = ["accuracy", "nll", "ece", "auroc_unseen", "auroc_long", "seconds"]
+    print("| method | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        vals = torch.tensor([[r[k] for k in keys] for r in rows if r["method"] == method])
+        cells = [f"{m:.3f} ± {s:.3f}" if k != "seconds" else f"{m:.0f}"
+                 for k, m, s in zip(keys, vals.mean(0), vals.std(0, unbiased=False))]
+        print(f"| {method} ({len(vals)}) | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--plots", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None)
     args = parser.parse_args()
+    if args.table is not None:
+        return table(args.table)
     torch.set_num_threads(1)
     print(json.dumps({"commit": commit(), "epochs": args.epochs, "seeds": args.seeds}), flush=True)
     plots: dict = {}
