@@ -287,3 +287,16 @@ def test_bad_input_raises():
         attention_kl(tiny_model(0, attention=dirichlet_attention()))
     with pytest.raises(MarglikError, match="n_samples"):
         predict_mc(model, IDS, 0)
+
+
+def test_kfac_laplace_runs_the_transformer_per_sample_without_a_loop(recwarn):
+    """The forward is vmap-safe, so the engine's per-sample path does not fall back to a loop."""
+    import marglik
+
+    model = tiny_model(12).float()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 1, 2, 0], [3, 3, 0, 0], [2, 5, 4, 1]])
+    loader = [(ids, torch.tensor([0, 2, 1, 1]))]
+    la = marglik.Laplace(model, "classification", hessian_structure="kron").fit(loader)
+    assert not [w for w in recwarn if "vmap" in str(w.message)]
+    probs = la(ids)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=probs.dtype))
