@@ -98,6 +98,13 @@ def test_tangent_rows_tune_delta_by_the_tangent_evidence():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 8), torch.nn.Tanh(),
                                 torch.nn.Linear(8, 10)).double()
+    # trained, so that the evidence keeps the model (an untrained one is switched off: δ → ∞,
+    # stopping wherever the rounds settle)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x_tr), y_tr).backward()
+        optimizer.step()
     ctx = cs.Context(model, cs._loader(x_tr, y_tr, 32, False), seed=0, n_samples=7, rank=5)
     x = data.eval_sets["test"][0].double()
     got = cs.ROWS["all-kron-tangent-probit"](ctx)("test", x)
@@ -106,6 +113,7 @@ def test_tangent_rows_tune_delta_by_the_tangent_evidence():
     ref.optimize_prior_precision(method="tangent", prior_structure="scalar",
                                  train_loader=ctx.train_loader)
     assert la.tangent is not None and la.prior_precision.numel() == 1
+    assert 1e-2 < la.prior_precision < 1e4  # the evidence keeps the model
     torch.testing.assert_close(la.prior_precision, ref.prior_precision, rtol=1e-12, atol=0)
     torch.testing.assert_close(got, ref(x), rtol=1e-12, atol=1e-14)
 
