@@ -1,4 +1,4 @@
-"""The authors' neural estimator: closed-form gradients, batched = one-pair fits, autograd replica."""
+"""The authors' neural estimator: closed-form gradients, batched = one-pair fits, replica."""
 
 import math
 

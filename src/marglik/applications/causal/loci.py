@@ -77,9 +77,7 @@ def check_pair(
         arrays.append(v)
     x, y = arrays
     if len(x) != len(y):
-        raise MarglikError(
-            f"{names[0]} and {names[1]} have different lengths ({len(x)}, {len(y)})"
-        )
+        raise MarglikError(f"{names[0]} and {names[1]} have different lengths ({len(x)}, {len(y)})")
     if len(x) < MIN_POINTS:
         raise MarglikError(f"need at least {MIN_POINTS} points, got {len(x)}")
     for name, v in zip(names, (x, y), strict=True):

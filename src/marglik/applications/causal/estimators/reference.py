@@ -123,7 +123,8 @@ def reference_nll_grads(
     var = torch.exp(-u)
     mu = a * f1 * var
     residual = Y - mu
-    nll = ((0.5 * precision * residual * residual - 0.5 * u) * M).sum(-1) + 0.5 * LOG_2PI * M.sum(-1)
+    nll = ((0.5 * precision * residual * residual - 0.5 * u) * M).sum(-1)
+    nll = nll + 0.5 * LOG_2PI * M.sum(-1)
     d_eta1 = (mu - Y) * M
     d_u = (mu * mu + var - Y * Y) * precision * M * -0.5
     df = torch.stack([a * d_eta1, b * d_u], dim=1)  # (B, 2, n)
@@ -187,7 +188,7 @@ def _train_chunk(init, data, settings: ReferenceNeuralEstimator):
 
 
 def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
-    """Learning rate of step ``step`` (0-based) of ``total``: lr_min + (lr − lr_min)(1 + cos πt/T)/2.
+    """Learning rate of step t (0-based) of T = ``total``: lr_min + (lr − lr_min)(1 + cos πt/T)/2.
 
     The closed form of ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=total, eta_min=lr_min)``
     stepped once per optimiser step (what the authors use); equal to its recursion up to rounding.
