@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--nn-steps", type=int, default=5000)
     parser.add_argument("--nn-fit-points", type=int, default=2000)
     parser.add_argument("--subset", type=int, default=None, help="first K pairs of every set")
+    parser.add_argument("--every", type=int, default=1, help="every K-th pair of every set only")
     parser.add_argument("--speed", type=int, default=0, help="time K pairs instead (see above)")
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     if args.speed:
         speed(args)
         return 0
-    data = {name: load(name, args.subset) for name in args.datasets}
+    data = {name: load(name, args.subset)[:: args.every] for name in args.datasets}
     rows, seconds = [], {}
     start = time.perf_counter()
     for config in args.configs:  # the cheap spline configurations first
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
         "seconds": seconds,
         "nn_steps": args.nn_steps,
         "nn_fit_points": args.nn_fit_points,
+        "every": args.every,
         "commit": commit.stdout.strip(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
