@@ -59,6 +59,7 @@ DEFAULT = ["ref-spline", "spline-ev", "ref-nn"]
 RULES = ("loci-m", "loci-h", "loci-e")
 #: best published baseline accuracy (%) per set, methods.md §8 (the authors' result files)
 BEST_BASELINE = {"AN": 100, "LS": 100, "MN-U": 99, "SIM": 78, "SIM-c": 82, "Tuebingen": 82}
+# (from the authors' baseline_results/*.tab, RESIT_std·GroundTruth > 0 gives SIM 77 for RESIT)
 
 
 def load(name: str, subset: int | None):
@@ -134,14 +135,16 @@ def main(argv=None) -> int:
     parser.add_argument("--nn-fit-points", type=int, default=2000)
     parser.add_argument("--subset", type=int, default=None, help="first K pairs of every set")
     parser.add_argument("--every", type=int, default=1, help="every K-th pair of every set only")
+    parser.add_argument("--start", type=int, default=0, help="first pair index for --every")
     parser.add_argument("--speed", type=int, default=0, help="time K pairs instead (see above)")
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--pairs-out", type=Path, default=None, help="per-pair scores (JSON lines)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.speed:
         speed(args)
         return 0
-    data = {name: load(name, args.subset)[:: args.every] for name in args.datasets}
+    data = {name: load(name, args.subset)[args.start :: args.every] for name in args.datasets}
     rows, seconds = [], {}
     start = time.perf_counter()
     for config in args.configs:  # the cheap spline configurations first
@@ -149,6 +152,12 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             results = run_config(pairs, config, args)
             seconds[f"{name}/{config}"] = round(time.perf_counter() - t0, 1)
+            if args.pairs_out:
+                with args.pairs_out.open("a") as f:
+                    for p, r in zip(pairs, results, strict=True):
+                        line = {"dataset": name, "config": config, "pair": p.name}
+                        line.update(truth=p.truth, weight=p.weight, scores=r.details["scores"])
+                        f.write(json.dumps(line) + "\n")
             for row in score_rows(name, pairs, config, results):
                 row["seconds"] = seconds[f"{name}/{config}"]
                 rows.append(row)
@@ -160,6 +169,7 @@ def main(argv=None) -> int:
         "nn_steps": args.nn_steps,
         "nn_fit_points": args.nn_fit_points,
         "every": args.every,
+        "start": args.start,
         "commit": commit.stdout.strip(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
