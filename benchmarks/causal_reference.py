@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     if args.speed:
         speed(args)
         return 0
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     data = {name: load(name, args.subset)[args.start :: args.every] for name in args.datasets}
     rows, seconds = [], {}
     start = time.perf_counter()
@@ -162,7 +163,6 @@ def main(argv=None) -> int:
                 row["seconds"] = seconds[f"{name}/{config}"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     summary = {
         "wall_s": round(time.perf_counter() - start, 1),
         "seconds": seconds,
