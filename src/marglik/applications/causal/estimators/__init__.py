@@ -19,8 +19,13 @@ surface: ``fit(x, y)``, ``natural_parameters(x)``, ``mean_variance(x)``, ``log_l
 - :mod:`~marglik.applications.causal.estimators.neural` — :class:`NeuralEstimator`: an MLP
   1→100 tanh→2 with the :class:`~marglik.likelihoods.NaturalGaussian` head, trained by full-batch
   Adam (:func:`fit_jointly`, :func:`train_mlps`, :func:`mlp_nll_grads`) or by the evidence.
+- :mod:`~marglik.applications.causal.estimators.reference` — :class:`ReferenceNeuralEstimator`: the
+  authors' network and training (docs/causal.md §1), batched over many pairs
+  (:func:`fit_reference_batch`).
+- :mod:`~marglik.applications.causal.estimators.selection` — :class:`EvidenceSplineEstimator`: the
+  spline with knots and ridge chosen by the Laplace evidence.
 
-:func:`make_estimator` builds either by name.
+:func:`make_estimator` builds any of them by name.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ from marglik.applications.causal.estimators.neural import (
     mlp_nll_grads,
     train_mlps,
 )
+from marglik.applications.causal.estimators.reference import (
+    ReferenceNeuralEstimator,
+    fit_reference_batch,
+)
+from marglik.applications.causal.estimators.selection import KNOTS_GRID, EvidenceSplineEstimator
 from marglik.applications.causal.estimators.spline import (
     RIDGE_GRID,
     SplineEstimator,
@@ -43,7 +53,11 @@ from marglik.applications.causal.estimators.spline import (
 )
 
 __all__ = [
+    "KNOTS_GRID",
     "RIDGE_GRID",
+    "EvidenceSplineEstimator",
+    "ReferenceNeuralEstimator",
+    "fit_reference_batch",
     "ConditionalGaussian",
     "NeuralEstimator",
     "SplineEstimator",
@@ -57,15 +71,32 @@ __all__ = [
 ]
 
 
-def make_estimator(
-    name: str, homoscedastic: bool = False, seed: int = 0, **options
-) -> ConditionalGaussian:
-    """Estimator by name: ``"spline"`` (:class:`SplineEstimator`) or ``"nn"`` (uses ``seed``).
+ESTIMATORS = ("spline", "nn", "spline-ev")
 
+
+def make_estimator(
+    name: str, homoscedastic: bool = False, seed: int = 0, reference: bool = False, **options
+) -> ConditionalGaussian:
+    """Estimator by name: ``"spline"`` (:class:`SplineEstimator`), ``"nn"`` (uses ``seed``) or
+    ``"spline-ev"`` (:class:`EvidenceSplineEstimator`).
+
+    ``reference=True`` gives the authors' settings (docs/causal.md §1): for ``"nn"`` a
+    :class:`ReferenceNeuralEstimator` (its own seed, 711, unless ``options`` give one), for
+    ``"spline"`` the floor 1e-7 (the ridge 1e-5/n is set by the caller, who knows n).
     ``options`` are further keyword arguments of the estimator class.
     """
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}: use one of {ESTIMATORS}")
+    if reference and (homoscedastic or name == "spline-ev"):
+        raise ValueError("reference=True is the heteroscedastic 'spline' or 'nn' estimator only")
     if name == "spline":
+        if reference:
+            options = {"floor": 1e-7, **options}
         return SplineEstimator(homoscedastic=homoscedastic, **options)
-    if name == "nn":
-        return NeuralEstimator(homoscedastic=homoscedastic, seed=seed, **options)
-    raise ValueError(f"unknown estimator {name!r}: use 'spline' or 'nn'")
+    if name == "spline-ev":
+        if homoscedastic:
+            raise ValueError("'spline-ev' is heteroscedastic only")
+        return EvidenceSplineEstimator(**options)
+    if reference:
+        return ReferenceNeuralEstimator(**options)
+    return NeuralEstimator(homoscedastic=homoscedastic, seed=seed, **options)

@@ -18,6 +18,10 @@ import numpy as np
 import torch
 
 from marglik.applications.causal.estimators.base import LOG_2PI, ConditionalGaussian
+from marglik.applications.causal.estimators.reference import (
+    ReferenceNeuralEstimator,
+    fit_reference_batch,
+)
 from marglik.likelihoods.heteroscedastic import NaturalGaussian
 from marglik.nets import mlp
 
@@ -139,12 +143,17 @@ def fit_jointly(
     """Fit ``estimators[i]`` to ``data[i] = (x, y)`` (each (n_i,)) and return the estimators.
 
     Neural maximum-likelihood estimators with the same settings and the same n train as one batch
-    of independent networks (:func:`train_mlps`; e.g. both directions of a pair): the batch loss is
+    of independent networks (:func:`train_mlps`; e.g. both directions of a pair), reference
+    estimators all together (:func:`~.reference.fit_reference_batch`, any n): the batch loss is
     the sum of the per-network mean losses and Adam is elementwise, so every network follows its own
     training path, at a fraction of the cost of one loop each. Others are fitted one by one.
     """
     groups: dict = {}
+    reference = [i for i, est in enumerate(estimators) if isinstance(est, ReferenceNeuralEstimator)]
+    fit_reference_batch([estimators[i] for i in reference], [data[i] for i in reference])
     for est, (x, y) in zip(estimators, data, strict=True):
+        if isinstance(est, ReferenceNeuralEstimator):
+            continue
         if not isinstance(est, NeuralEstimator):
             est.fit(x, y)
             continue

@@ -1,0 +1,208 @@
+"""LOCI reference mode and the evidence variants on the development sets (issue #20).
+
+For every dataset (AN, LS, MN-U, SIM, SIM-c from ``/work/shared/data/cause-effect``; Tübingen from
+``cdt``, weighted, the 97 pairs of the LOCI evaluation) and configuration:
+
+- ``ref-spline``: the authors' spline estimator (docs/causal.md §1), LOCI_M / LOCI_H (and LOCI_E
+  from its evidence at the fixed ridge);
+- ``spline``: the spline with its ridge chosen by the evidence (marglik's default);
+- ``spline-ev``: knots and ridge chosen by the evidence (docs/causal.md §2) — LOCI_E with it is
+  the headline fixed before the run;
+- ``ref-nn``: the authors' neural estimator (5,000 float64 Adam steps, cosine schedule), both
+  directions of all pairs of a dataset fitted as one batched model (:func:`loci_many`).
+
+One process, one thread. Prints one JSON line per (dataset, configuration, rule) with accuracy and
+AUDRC (weighted on Tübingen), then a summary; ``--markdown`` writes the table. ``--speed K`` instead
+times the reference NN on the first K AN pairs one pair at a time (:func:`loci`) and batched
+(:func:`loci_many`), at ``--nn-steps`` steps, and prints pairs per second for both.
+
+    python benchmarks/causal_reference.py --markdown /tmp/causal-ref.md
+    python benchmarks/causal_reference.py --speed 8 --nn-steps 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from marglik.applications.causal.data import load_benchmark, load_tuebingen
+from marglik.applications.causal.loci import loci, loci_many
+from marglik.applications.causal.metrics import accuracy, audrc
+
+DATA = Path(os.environ.get("MARGLIK_CAUSE_EFFECT", "/work/shared/data/cause-effect"))
+FOLDERS = {
+    "AN": "ANLSMN_pairs/AN",
+    "LS": "ANLSMN_pairs/LS",
+    "MN-U": "ANLSMN_pairs/MN-U",
+    "SIM": "Benchmark_simulated/SIM",
+    "SIM-c": "Benchmark_simulated/SIM-c",
+}
+DATASETS = [*FOLDERS, "Tuebingen"]
+#: configuration -> (estimator, reference mode)
+CONFIGS = {  # in the order they run
+    "ref-spline": ("spline", True),
+    "spline": ("spline", False),
+    "spline-ev": ("spline-ev", False),
+    "ref-nn": ("nn", True),
+}
+#: run by default (``spline``'s LOCI_M / LOCI_H rows are in RESULTS-causal.md already)
+DEFAULT = ["ref-spline", "spline-ev", "ref-nn"]
+RULES = ("loci-m", "loci-h", "loci-e")
+#: best published baseline accuracy (%) per set, methods.md §8 (the authors' result files)
+BEST_BASELINE = {"AN": 100, "LS": 100, "MN-U": 99, "SIM": 78, "SIM-c": 82, "Tuebingen": 82}
+# (from the authors' baseline_results/*.tab, RESIT_std·GroundTruth > 0 gives SIM 77 for RESIT)
+
+
+def load(name: str, subset: int | None):
+    if name == "Tuebingen":
+        pairs = load_tuebingen(DATA / "tuebingen_cdt_weights.tsv", loci_eval_only=True)
+    else:
+        pairs = load_benchmark(DATA / FOLDERS[name])
+    return pairs[:subset] if subset else pairs
+
+
+def run_config(pairs, config: str, args) -> list:
+    estimator, reference = CONFIGS[config]
+    common = {"method": "loci-h", "estimator": estimator, "reference": reference}
+    common["all_scores"] = True
+    if estimator == "nn":
+        common["estimator_options"] = {"steps": args.nn_steps}
+        common["max_fit_points"] = args.nn_fit_points or None
+        return loci_many([(p.x, p.y) for p in pairs], **common)
+    return [loci(p.x, p.y, **common) for p in pairs]
+
+
+def score_rows(name, pairs, config, results) -> list[dict]:
+    truth = [p.truth for p in pairs]
+    weights = [p.weight for p in pairs]
+    rows = []
+    for rule in RULES:
+        if rule not in results[0].details["scores"]:
+            continue
+        scores = [r.details["scores"][rule] for r in results]
+        pred = ["x->y" if s >= 0 else "y->x" for s in scores]
+        correct = [p == t for p, t in zip(pred, truth, strict=True)]
+        rows.append(
+            {
+                "dataset": name,
+                "config": config,
+                "rule": rule,
+                "n_pairs": len(pairs),
+                "accuracy": accuracy(pred, truth, weights),
+                "audrc": audrc(np.abs(scores), correct, weights),
+            }
+        )
+    return rows
+
+
+def speed(args) -> None:
+    pairs = [(p.x, p.y) for p in load("AN", args.speed)]
+    options = {"estimator": "nn", "reference": True, "estimator_options": {"steps": args.nn_steps}}
+    start = time.perf_counter()
+    one = [loci(x, y, **options) for x, y in pairs]
+    t_one = time.perf_counter() - start
+    start = time.perf_counter()
+    many = loci_many(pairs, **options)
+    t_many = time.perf_counter() - start
+    gap = max(abs(a.score - b.score) for a, b in zip(one, many, strict=True))
+    row = {
+        "speed_pairs": len(pairs),
+        "nn_steps": args.nn_steps,
+        "one_at_a_time_pairs_per_s": len(pairs) / t_one,
+        "batched_pairs_per_s": len(pairs) / t_many,
+        "one_at_a_time_s": round(t_one, 2),
+        "batched_s": round(t_many, 2),
+        "max_score_difference": gap,
+        "load_average": os.getloadavg(),
+    }
+    print(json.dumps(row), flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    parser.add_argument("--configs", nargs="+", default=DEFAULT, choices=list(CONFIGS))
+    parser.add_argument("--nn-steps", type=int, default=5000)
+    parser.add_argument("--nn-fit-points", type=int, default=2000)
+    parser.add_argument("--subset", type=int, default=None, help="first K pairs of every set")
+    parser.add_argument("--every", type=int, default=1, help="every K-th pair of every set only")
+    parser.add_argument("--start", type=int, default=0, help="first pair index for --every")
+    parser.add_argument("--speed", type=int, default=0, help="time K pairs instead (see above)")
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--pairs-out", type=Path, default=None, help="per-pair scores (JSON lines)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.speed:
+        speed(args)
+        return 0
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    data = {name: load(name, args.subset)[args.start :: args.every] for name in args.datasets}
+    rows, seconds = [], {}
+    start = time.perf_counter()
+    for config in args.configs:  # the cheap spline configurations first
+        for name, pairs in data.items():
+            t0 = time.perf_counter()
+            results = run_config(pairs, config, args)
+            seconds[f"{name}/{config}"] = round(time.perf_counter() - t0, 1)
+            if args.pairs_out:
+                with args.pairs_out.open("a") as f:
+                    for p, r in zip(pairs, results, strict=True):
+                        line = {"dataset": name, "config": config, "pair": p.name}
+                        line.update(truth=p.truth, weight=p.weight, scores=r.details["scores"])
+                        f.write(json.dumps(line) + "\n")
+            for row in score_rows(name, pairs, config, results):
+                row["seconds"] = seconds[f"{name}/{config}"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    summary = {
+        "wall_s": round(time.perf_counter() - start, 1),
+        "seconds": seconds,
+        "nn_steps": args.nn_steps,
+        "nn_fit_points": args.nn_fit_points,
+        "every": args.every,
+        "start": args.start,
+        "commit": commit.stdout.strip(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    }
+    print(json.dumps(summary), flush=True)
+    if args.markdown:
+        args.markdown.write_text(markdown(rows, list(data), summary, argv))
+    return 0
+
+
+def markdown(rows, names, summary, argv) -> str:
+    table = {(r["dataset"], r["config"], r["rule"]): r for r in rows}
+    head = "| configuration | rule | " + " | ".join(names) + " |\n|---|---|"
+    body = head + "---|" * len(names) + "\n"
+    for config in CONFIGS:
+        for rule in RULES:
+            cells = [table.get((n, config, rule)) for n in names]
+            if not any(cells):
+                continue
+            text = [
+                f"{100 * c['accuracy']:.0f} / {100 * c['audrc']:.0f}" if c else "–" for c in cells
+            ]
+            body += f"| {config} | {rule} | " + " | ".join(text) + " |\n"
+    body += "| best published baseline | | " + " | ".join(
+        str(BEST_BASELINE.get(n, "–")) for n in names
+    )
+    command = "python benchmarks/causal_reference.py " + " ".join(argv or sys.argv[1:])
+    return (
+        "Cells: accuracy % / AUDRC %.\n\n"
+        + body
+        + f" |\n\n- command: `{command}`\n- summary: `{json.dumps(summary)}`\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
