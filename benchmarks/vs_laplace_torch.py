@@ -29,7 +29,10 @@ inside ``fit``), the same again (``evidence_scalar_warm``) and with a layer-wise
 (``evidence_layerwise``); the GLM-probit predictive on the 540 test images in one call
 (``predictive``). laplace-torch forms the B×C×P Jacobian of the whole batch, which does not fit
 this machine for all weights, so it is also timed in 10 calls of 54 images
-(``predictive_chunked``). Timing alternates the two libraries (marglik first in even
+(``predictive_chunked``). On request (``--steps ... evidence_layerwise_optimum``), marglik's
+L-BFGS from δ = 1 to the layer-wise evidence optimum (issue 19 item 4), timed against
+laplace-torch's 100 Adam steps; the log evidence each library's δ reaches is in the agreement
+line. Timing alternates the two libraries (marglik first in even
 repetitions, laplace-torch first in odd ones), single thread, and prints the median.
 
 Guards. laplace-torch's diagonal GGN (default curvlinops backend) builds full Jacobians (issue
@@ -132,6 +135,9 @@ CASE_BY_NAME = {c.name: c for c in CASES}
 
 STEPS = ["fit", "evidence_scalar", "evidence_scalar_warm", "evidence_layerwise", "predictive"]
 LT_ONLY_STEPS = ["predictive_chunked"]
+# marglik's L-BFGS to the optimum, compared with laplace-torch's 100 Adam steps (issue 19 item 4)
+ML_ONLY_STEPS = ["evidence_layerwise_optimum"]
+ALL_STEPS = STEPS + LT_ONLY_STEPS + ML_ONLY_STEPS
 
 
 def guarded(lib: str, case: Case, step: str) -> bool:
@@ -151,6 +157,8 @@ def target(case: Case, step: str) -> tuple[float | None, float | None]:
         return 0.01, None
     if step == "predictive" and case.structure == "kron":
         return 0.05, 0.2
+    if step == "evidence_layerwise_optimum" and case.structure == "full":
+        return 0.05, None  # issue 19 item 4: time to the optimum against 100 Adam steps
     if step.startswith("evidence") and case.structure == "full" and case.model == "mlp32":
         return 0.01, None
     return None, None
@@ -208,6 +216,14 @@ class Marglik:
         la.optimize_prior_precision(
             method="marglik", prior_structure=prior_structure, n_steps=N_EVIDENCE_STEPS,
             init_prior_prec=1.0,
+        )
+        return la.prior_precision.detach().reshape(-1).double()
+
+    def evidence_optimum(self, la, prior_structure: str) -> torch.Tensor:
+        """L-BFGS from δ = 1 until the evidence gradient is at rounding level (issue 19 item 4)."""
+        la.optimize_prior_precision(
+            method="marglik", prior_structure=prior_structure, optimizer="lbfgs",
+            n_steps=N_EVIDENCE_STEPS, init_prior_prec=1.0,
         )
         return la.prior_precision.detach().reshape(-1).double()
 
@@ -296,6 +312,8 @@ def run_step(lib, la, step: str, loader, xt) -> object:
         return lib.evidence(la, "scalar")
     if step == "evidence_layerwise":
         return lib.evidence(la, "layerwise")
+    if step == "evidence_layerwise_optimum":
+        return lib.evidence_optimum(la, "layerwise")
     if step == "predictive":
         return lib.predictive(la, xt)
     if step == "predictive_chunked":
@@ -432,7 +450,7 @@ def time_case(case: Case, args, folder: str) -> list[dict]:
     base = trained_model(case.model, folder)
     libs = {"marglik": Marglik(), "laplace-torch": LaplaceTorch()}
     load_start = [round(v, 2) for v in os.getloadavg()]
-    times = {lib: {s: [] for s in STEPS + LT_ONLY_STEPS} for lib in libs}
+    times = {lib: {s: [] for s in ALL_STEPS} for lib in libs}
     status = {lib: {} for lib in libs}
     posteriors, outputs = {}, {lib: {} for lib in libs}
     for rep in range(args.repeats):
@@ -440,7 +458,7 @@ def time_case(case: Case, args, folder: str) -> list[dict]:
         for name in order:
             lib = libs[name]
             la = lib.build(copy.deepcopy(base), case)
-            steps = STEPS + (LT_ONLY_STEPS if name == "laplace-torch" else [])
+            steps = STEPS + (LT_ONLY_STEPS if name == "laplace-torch" else ML_ONLY_STEPS)
             for step in [s for s in steps if s == "fit" or s in args.steps]:
                 if step in status[name] and status[name][step] != "ok":
                     continue  # did not finish before: do not retry
@@ -484,9 +502,11 @@ def time_case(case: Case, args, folder: str) -> list[dict]:
                     lib.save(la, state)  # the next repetitions reuse it instead of refitting
             posteriors[name] = la
     lines = []
-    for step in [s for s in STEPS + LT_ONLY_STEPS if s == "fit" or s in args.steps]:
+    for step in [s for s in ALL_STEPS if s == "fit" or s in args.steps]:
         mt = times["marglik"][step]
         lt = times["laplace-torch"][step]
+        if step == "evidence_layerwise_optimum":  # against laplace-torch's 100 Adam steps
+            lt = times["laplace-torch"]["evidence_layerwise"]
         t_target, _ = target(case, step)
         m_med = statistics.median(mt) if mt else None
         l_med = statistics.median(lt) if lt else None
@@ -537,6 +557,12 @@ def agreement_line(case, posteriors, outputs, xt, yt, status) -> dict:
         if dm is not None and dl is not None:
             line[f"tuned_{key[9:]}_prior_max_rel_diff"] = float(((dm - dl).abs() / dl).max())
             line[f"tuned_{key[9:]}_prior_marglik"] = [round(float(v), 5) for v in dm[:8]]
+    # the log evidence each tuned layer-wise δ reaches, both evaluated by marglik
+    reached = {"marglik_lbfgs": outputs["marglik"].get("evidence_layerwise_optimum"),
+               "laplace_torch_adam": outputs["laplace-torch"].get("evidence_layerwise")}
+    for who, delta in reached.items():
+        if delta is not None:
+            line[f"log_evidence_layerwise_{who}"] = m.log_evidence(la_m, delta)
     # predictive moments at one common prior precision (marglik's tuned scalar δ, else 1)
     delta = outputs["marglik"].get("evidence_scalar", torch.tensor(1.0)).reshape(())
     m.set_prior(la_m, delta)
@@ -936,7 +962,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=[c.name for c in CASES],
                         choices=[c.name for c in CASES])
     parser.add_argument("--steps", nargs="+", default=STEPS + LT_ONLY_STEPS,
-                        choices=STEPS + LT_ONLY_STEPS, help="timing: steps to run (fit always)")
+                        choices=ALL_STEPS, help="timing: steps to run (fit always)")
     parser.add_argument("--memory", action="store_true", help="peak memory per step")
     parser.add_argument("--agreement", action="store_true", help="float64 agreement checks")
     parser.add_argument("--fit-ratio", action="store_true", help="fit cost / epoch cost")
