@@ -3,11 +3,11 @@
 
 A float64 model with torch's default dtype left at float32 (what a user gets without
 ``torch.set_default_dtype``): σ = 0.7 and δ = 0.3 are not float32 numbers. The posterior
-should compute in float64 to rounding, as laplace-torch 0.3 does on the same problem (1e-13),
-but ``check_sigma`` (``likelihoods/gaussian.py``) and ``check_precision``
-(``posterior/prior.py``) turn a Python float into a tensor of the *default* dtype, so σ and δ
-are rounded to float32 and the predictive covariance is off by about 1e-8 relative. The
-conftest sets the default dtype to float64 for every other test, which hides this.
+computes in float64 to rounding, as laplace-torch 0.3 does on the same problem (1e-13): Python
+numbers become tensors of the *model's* dtype (``BasePosterior._number_as_tensor``), not of the
+default dtype, which rounded them to float32 (about 1e-8 relative error in the predictive
+covariance) until 2026-12-06. The conftest sets the default dtype to float64 for every other
+test, which hid this.
 """
 
 import pytest
@@ -55,8 +55,6 @@ def dense_covariance(model, x, xt):
     return torch.einsum("bp,pq,bq->b", Jt, torch.linalg.inv(prec), Jt)
 
 
-@pytest.mark.xfail(strict=True, reason="σ and δ given as floats are stored in the default "
-                   "dtype (float32), not the model's: ~1e-8 relative error in float64")
 @pytest.mark.parametrize("kind", ["Laplace", "FunctionalLaplace"])
 def test_float_hyperparameters_keep_float64(float32_default, kind):
     model, x, y, xt = problem()
@@ -67,3 +65,26 @@ def test_float_hyperparameters_keep_float64(float32_default, kind):
     _, var = la(xt)
     ref = dense_covariance(model, x, xt)
     assert torch.allclose(var.reshape(-1), ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["Laplace", "FunctionalLaplace"])
+def test_float_hyperparameters_take_the_model_dtype(float32_default, kind):
+    """Python floats become tensors of the model's dtype (float32 model: float32, float64:
+    float64), at construction, through the setters and through log_marginal_likelihood."""
+    model, x, y, _ = problem()
+    for dtype in (torch.float32, torch.float64):
+        la = getattr(marglik, kind)(model.to(dtype), "regression", prior_precision=DELTA,
+                                    sigma_noise=SIGMA)
+        assert la.prior_precision.dtype == dtype and la.sigma_noise.dtype == dtype
+        la.fit([(x.to(dtype), y.to(dtype))])
+        la.prior_precision, la.sigma_noise = 0.5, 0.9
+        assert la.prior_precision.dtype == dtype and la.sigma_noise.dtype == dtype
+        assert la.sigma_noise.item() == torch.tensor(0.9, dtype=dtype).item()
+        value = la.log_marginal_likelihood(DELTA, SIGMA)  # floats: accepted and kept
+        assert value.dtype == dtype
+        assert la.prior_precision.dtype == dtype and la.sigma_noise.dtype == dtype
+        if dtype == torch.float64:  # kept exactly, not rounded to float32
+            assert float(la.prior_precision) == DELTA and float(la.sigma_noise) == SIGMA
+        expected = la.log_marginal_likelihood(torch.tensor(DELTA, dtype=dtype),
+                                              torch.tensor(SIGMA, dtype=dtype))
+        assert value.item() == expected.item()

@@ -74,10 +74,13 @@ class Gaussian(Likelihood):
 
 
 def check_sigma(sigma: float | Tensor) -> Tensor:
-    """Return σ as a tensor, raising ValueError if it is not positive and finite."""
-    sigma = torch.as_tensor(
-        sigma, dtype=torch.get_default_dtype() if not torch.is_tensor(sigma) else None
-    )
+    """Return σ as a tensor, raising ValueError if it is not positive and finite.
+
+    A Python number becomes a float64 tensor (exact for every float), which the posterior
+    casts to its curvature's dtype where it computes: a float64 model keeps σ to rounding
+    whatever torch's default dtype is.
+    """
+    sigma = torch.as_tensor(sigma, dtype=None if torch.is_tensor(sigma) else torch.float64)
     if sigma.ndim > 1 or not torch.isfinite(sigma).all() or (sigma <= 0).any():
         raise ValueError(f"sigma_noise must be a positive finite scalar or vector, got {sigma}")
     return sigma

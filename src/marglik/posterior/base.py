@@ -73,7 +73,7 @@ class Posterior(ABC):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.likelihood = get_likelihood(likelihood, sigma_noise)
+        self.likelihood = get_likelihood(likelihood, self._number_as_tensor(sigma_noise))
         sigma_given = not (isinstance(sigma_noise, (int, float)) and sigma_noise == 1.0)
         if sigma_given and not isinstance(self.likelihood, Gaussian):
             raise ValueError(f"sigma_noise only applies to regression, not {self.likelihood.task}")
@@ -154,6 +154,16 @@ class Posterior(ABC):
                 f"the {type(self).__name__} posterior is not fitted: call fit(train_loader) first"
             )
 
+    def _number_as_tensor(self, value: Any) -> Any:
+        """A Python number as a 0-d tensor of the model's floating dtype (tensors unchanged), so
+        that a float64 model keeps σ = 0.7 or δ = 0.3 to rounding whatever torch's default
+        dtype is (``torch.as_tensor(0.3)`` would round it to float32)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value
+        param = next(self.model.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else None
+        return torch.as_tensor(float(value), dtype=dtype)
+
     @property
     def prior_precision(self) -> Tensor:
         """δ: 0-d, (groups,) or (P,)."""
@@ -161,7 +171,7 @@ class Posterior(ABC):
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
-        self.prior.precision = value
+        self.prior.precision = self._number_as_tensor(value)
 
     @property
     def prior_mean(self) -> Tensor:
@@ -176,7 +186,7 @@ class Posterior(ABC):
     def sigma_noise(self, value: float | Tensor) -> None:
         if not isinstance(self.likelihood, Gaussian):
             raise ValueError(f"sigma_noise only applies to regression, not {self.likelihood.task}")
-        self.likelihood.sigma = check_sigma(value)
+        self.likelihood.sigma = check_sigma(self._number_as_tensor(value))
 
     def optimize_prior_precision(
         self,

@@ -123,7 +123,8 @@ class FunctionalLaplace(Posterior):
         self.subset_of_weights = subset_of_weights
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else None
-        self.prior = Prior(prior_precision, torch.as_tensor(prior_mean, dtype=dtype), prior_groups)
+        self.prior = Prior(self._number_as_tensor(prior_precision),
+                           torch.as_tensor(prior_mean, dtype=dtype), prior_groups)
         self.subset: ParameterSubset | None = None
         self.last_layer_name = last_layer_name
         if subset_of_weights != "last_layer" or last_layer_name is not None:
@@ -317,6 +318,8 @@ class FunctionalLaplace(Posterior):
         self.require_fit()
         if sigma_noise is None and self.sigma_noise is not None:
             sigma_noise = self.sigma_noise
+        elif sigma_noise is not None:  # a Python float too
+            sigma_noise = check_sigma(sigma_noise)
         return self.likelihood.log_lik_from_statistics(self.statistics, sigma_noise)
 
     def log_det_ratio(self, prior_precision: Tensor | None = None,
@@ -349,9 +352,11 @@ class FunctionalLaplace(Posterior):
             self.log_det_ratio(prior_precision, sigma_noise),
         )
         if prior_precision is not None:
-            self.prior_precision = torch.as_tensor(prior_precision).detach().clone()
+            self.prior_precision = (prior_precision.detach().clone()
+                                    if torch.is_tensor(prior_precision) else prior_precision)
         if sigma_noise is not None:
-            self.sigma_noise = torch.as_tensor(sigma_noise).detach().clone()
+            self.sigma_noise = (sigma_noise.detach().clone()
+                                if torch.is_tensor(sigma_noise) else sigma_noise)
         return value
 
     # ---- predictions --------------------------------------------------------------------------

@@ -113,7 +113,8 @@ class Laplace(Posterior):
         self.rank, self.mc_samples, self.seed = rank, mc_samples, seed
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.prior = Prior(
-            prior_precision, torch.as_tensor(prior_mean, dtype=self._param_dtype), prior_groups
+            self._number_as_tensor(prior_precision),
+            torch.as_tensor(prior_mean, dtype=self._param_dtype), prior_groups,
         )
         self.subset: ParameterSubset | None = None
         # checked by load_state_dict with subset_of_weights; filled in when fit() finds it
@@ -264,6 +265,8 @@ class Laplace(Posterior):
         self.require_fit()
         if sigma_noise is None and self.sigma_noise is not None:
             sigma_noise = self.sigma_noise
+        elif sigma_noise is not None:  # a Python float too, as the other hyperparameter inputs
+            sigma_noise = check_sigma(sigma_noise)
         return self.likelihood.log_lik_from_statistics(self.statistics, sigma_noise)
 
     def log_det_ratio(
@@ -323,9 +326,11 @@ class Laplace(Posterior):
             self.log_det_ratio(prior_precision, sigma_noise),
         )
         if prior_precision is not None:
-            self.prior_precision = torch.as_tensor(prior_precision).detach().clone()
+            self.prior_precision = (prior_precision.detach().clone()
+                                    if torch.is_tensor(prior_precision) else prior_precision)
         if sigma_noise is not None:
-            self.sigma_noise = torch.as_tensor(sigma_noise).detach().clone()
+            self.sigma_noise = (sigma_noise.detach().clone()
+                                if torch.is_tensor(sigma_noise) else sigma_noise)
         return value
 
     # ---- the Gaussian posterior ---------------------------------------------------------------

@@ -49,9 +49,8 @@ def check_precision(value: float | Tensor, allow_zero: bool = False) -> Tensor:
         ref, version, zero_ok = _last_valid
         if ref() is value and value._version == version and (allow_zero or not zero_ok):
             return value
-    value = torch.as_tensor(
-        value, dtype=None if torch.is_tensor(value) else torch.get_default_dtype()
-    )
+    # a Python number: float64, exact; cast to the curvature's dtype where it is used
+    value = torch.as_tensor(value, dtype=None if torch.is_tensor(value) else torch.float64)
     if value.ndim > 1 or value.numel() == 0:
         raise ValueError(
             f"prior_precision must be a scalar or a vector, got shape {tuple(value.shape)}"
