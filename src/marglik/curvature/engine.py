@@ -228,6 +228,10 @@ def fit_curvature(
             needs_graph = layers or owners or create_graph
             with torch.enable_grad() if needs_graph else torch.no_grad():
                 f = call_model(model, x)
+                if recorder.overwritten():  # an in-place op changed a recorded output: again,
+                    recorder.clear()  # with copies of those outputs
+                    owner_recorder.clear()
+                    f = call_model(model, x)
             if accumulator is None:
                 silent = silent_layers(layers)  # and layers mixing samples: exact path (§4)
                 silent += inconsistent_layers(f, [r for r in layers if not r.silent], model)
