@@ -68,7 +68,14 @@ from marglik.curvature.accumulators import (
     KronAccumulator,
     Sums,
 )
-from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, Inputs, batches, call_model
+from marglik.curvature.batches import (
+    DICT_KEY_X,
+    DICT_KEY_Y,
+    Inputs,
+    all_finite,
+    batches,
+    call_model,
+)
 from marglik.curvature.columns import CURVATURES
 from marglik.curvature.kfac import KFAC_APPROXIMATIONS
 from marglik.curvature.layers import FitRecorder, GraphLayerRecorder, LayerMap, layer_map
@@ -268,7 +275,7 @@ def fit_curvature(
     n_data = int(totals.pop("n_data").round())
     statistics = {k[5:]: totals.pop(k) for k in list(totals) if k.startswith("stat.")}
     for key, value in totals.items():
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise RuntimeError(
                 f"curvature {key!r} contains NaN/inf values: check the model and data"
             )
