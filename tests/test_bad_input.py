@@ -43,6 +43,22 @@ def test_empty_loader_raises():
         marglik.Laplace(mlp(), "classification", "last_layer").fit([])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_equals_isfinite(dtype):
+    """The one-reduction check (a finite sum) against torch.isfinite, including sums that
+    overflow (finite entries: True) and NaN / ±inf entries that cancel in no sum."""
+    from marglik.curvature.batches import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [torch.zeros(0), torch.randn(5, 7), torch.full((4,), big), -torch.full((3, 2), big),
+             torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 2.0]),
+             torch.tensor([float("inf"), -float("inf")]), torch.tensor([-float("inf")]),
+             torch.tensor([big, big, float("nan")]), torch.randn(3, 3).requires_grad_()]
+    for t in cases:
+        t = t.to(dtype)
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+
+
 def test_non_finite_curvature_raises():
     class SqrtSquare(nn.Module):  # finite outputs, NaN gradient at 0
         def __init__(self):

@@ -447,6 +447,32 @@ def test_lazily_recorded_inputs_modified_in_place_raise():
             marglik.Laplace(model, "classification").fit(Once())
 
 
+def test_outputs_overwritten_in_place_on_a_later_batch_are_recorded_again():
+    """A fit passes recorded layer outputs on uncopied; an in-place operation on one (here only
+    on the last batch) is detected and that batch's forward pass redone with a copy. Without
+    it the gradients would be taken w.r.t. the overwritten tensor (tanh(h), not h)."""
+
+    class LaterInPlace(nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            self.lin, self.out, self.inplace = nn.Linear(3, 4), nn.Linear(4, 3), inplace
+
+        def forward(self, x):
+            h = self.lin(x)
+            return self.out(h.tanh_() if self.inplace and x.shape[0] == 2 else h.tanh())
+
+    torch.manual_seed(0)
+    model, twin = LaterInPlace(True), LaterInPlace(False)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(10, 3) * 2
+    y = targets(twin, x)
+    exact = oracle.ggn(twin, x, y, oracle.categorical_nll).diagonal()
+    rel_close(fit(model, x, y, "diag", batch_size=4).H.diag(), exact)
+    rel_close(fit(model, x, y, "kron", batch_size=4).H.to_dense(),
+              fit(twin, x, y, "kron", batch_size=4).H.to_dense())
+    assert all(not m._forward_hooks for m in model.modules())
+
+
 # ---------------------------------------------------------------------------- sampled columns
 SEEDS = 300
 

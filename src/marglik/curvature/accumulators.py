@@ -93,6 +93,9 @@ class Sums:
         if isinstance(value, Rows):
             if self.keep_graph:
                 value = as_matrix(value)
+            elif value.M.numel() >= self.FLUSH:  # large enough alone: no copy, no stacking
+                self._flush(key)
+                value = gram(value.M.detach().to(self.dtype))
             else:
                 rows = self.pending.setdefault(key, [])
                 rows.append(value.M.detach().to(self.dtype, copy=True))  # batches may reuse memory

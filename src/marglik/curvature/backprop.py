@@ -34,6 +34,10 @@ def backprop_columns(
     """
     if batched is None:
         batched = U.device.type != "cpu" and U.shape[0] > 1
+    if not create_graph and not batched and U.shape[0] == 1:  # one column: no buffer, no copy
+        grads = torch.autograd.grad(f, tensors, U[0], retain_graph=True, allow_unused=True)
+        return [torch.zeros(1, *t.shape, dtype=t.dtype, device=t.device) if g is None
+                else g.unsqueeze(0) for g, t in zip(grads, tensors)]
     if not create_graph and not batched:
         spare = {}
         for buffer in out or []:

@@ -35,7 +35,11 @@ at a time (:class:`~marglik.curvature.layers.FitRecorder`), convolutions without
 patch where a cheaper exact identity exists (:mod:`marglik.curvature.conv`). Parameters outside the
 registered layers (BatchNorm, LayerNorm, …) get their per-sample gradients from the same backward
 pass through their own module (:mod:`marglik.curvature.local`) where that is exact (checked on the
-first batch), not from a second pass through the whole model.
+first batch), not from a second pass through the whole model. Recorded layer outputs are passed on
+uncopied; a batch whose forward pass overwrites one in place is run again with copies of those
+(:meth:`~marglik.curvature.layers.LayerRecorder.overwritten`). These K backward passes and the
+factor products alone take 2.6–3.7 training epochs for K = 9 on the MLP and CNN of
+``benchmarks/fit.py`` (``benchmarks/fit_floor.py``; one thread, CPU).
 
 With ``create_graph=True`` nothing is detached: the curvature sums and the data-fit statistics
 keep their autograd graph to every tensor the forward pass uses other than the subset's own
@@ -68,7 +72,14 @@ from marglik.curvature.accumulators import (
     KronAccumulator,
     Sums,
 )
-from marglik.curvature.batches import DICT_KEY_X, DICT_KEY_Y, Inputs, batches, call_model
+from marglik.curvature.batches import (
+    DICT_KEY_X,
+    DICT_KEY_Y,
+    Inputs,
+    all_finite,
+    batches,
+    call_model,
+)
 from marglik.curvature.columns import CURVATURES
 from marglik.curvature.kfac import KFAC_APPROXIMATIONS
 from marglik.curvature.layers import FitRecorder, GraphLayerRecorder, LayerMap, layer_map
@@ -228,6 +239,10 @@ def fit_curvature(
             needs_graph = layers or owners or create_graph
             with torch.enable_grad() if needs_graph else torch.no_grad():
                 f = call_model(model, x)
+                if recorder.overwritten():  # an in-place op changed a recorded output: again,
+                    recorder.clear()  # with copies of those outputs
+                    owner_recorder.clear()
+                    f = call_model(model, x)
             if accumulator is None:
                 silent = silent_layers(layers)  # and layers mixing samples: exact path (§4)
                 silent += inconsistent_layers(f, [r for r in layers if not r.silent], model)
@@ -264,7 +279,7 @@ def fit_curvature(
     n_data = int(totals.pop("n_data").round())
     statistics = {k[5:]: totals.pop(k) for k in list(totals) if k.startswith("stat.")}
     for key, value in totals.items():
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             raise RuntimeError(
                 f"curvature {key!r} contains NaN/inf values: check the model and data"
             )

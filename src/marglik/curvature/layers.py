@@ -76,6 +76,10 @@ class LayerRecord:
     #: versions (``inputs`` is then empty; a is formed when used, one layer at a time)
     args: list[tuple] = field(default_factory=list)
     versions: list[tuple[int, ...]] = field(default_factory=list)
+    #: recorded outputs passed on uncopied (:class:`FitRecorder`): their versions when recorded,
+    #: and whether an in-place operation downstream overwrote one (then copies from now on)
+    out_versions: list[int] = field(default_factory=list)
+    copy_output: bool = False
 
     def __post_init__(self) -> None:
         if self.kind is None:
@@ -264,7 +268,7 @@ class LayerRecorder:
 
     Each recorded output is returned to the rest of the network as a copy, so that in-place
     operations downstream (``ReLU(inplace=True)``) cannot overwrite the tensor whose gradient
-    we take. Class flags select the variant:
+    we take (unless ``copy_outputs`` is off). Class flags select the variant:
 
     - ``detach_inputs``: record ``a`` from detached forward arguments (plain fits);
     - ``leaf_outputs``: where an output does not require grad (nothing upstream does), record a
@@ -272,12 +276,17 @@ class LayerRecorder:
     - ``lazy_inputs``: keep the forward arguments and form ``a`` only when a layer's statistics
       are taken (:meth:`LayerRecord.call_inputs`, :meth:`LayerRecord.kfac`), one layer at a
       time: no unfolded patches of every layer at once, and cheaper identities for the KFAC
-      factors (``LayerType.input_sums``).
+      factors (``LayerType.input_sums``);
+    - ``copy_outputs``: return a copy of each recorded output to the network. Off, the output
+      itself goes on (no copy of every layer's output per batch) and :meth:`overwritten` finds
+      the layers whose recorded output an in-place operation changed after the layer ran; those
+      are copied from then on and the caller redoes the forward pass.
     """
 
     detach_inputs: bool = True
     leaf_outputs: bool = False
     lazy_inputs: bool = False
+    copy_outputs: bool = True
 
     def __init__(self, layers: list[LayerRecord]):
         self.layers = layers
@@ -337,7 +346,10 @@ class LayerRecorder:
         if self.leaf_outputs and not output.requires_grad:
             output = output.detach().requires_grad_(True)
         rec.outputs.append(output)
-        return output.clone()
+        if self.copy_outputs or rec.copy_output:
+            return output.clone()
+        rec.out_versions.append(output._version)
+        return output
 
     def _hook(self, rec: LayerRecord):
         record = self._record
@@ -364,14 +376,29 @@ class LayerRecorder:
 
     def clear(self) -> None:
         for rec in self.layers:
-            for recorded in (rec.inputs, rec.outputs, rec.rows, rec.args, rec.versions):
+            for recorded in (rec.inputs, rec.outputs, rec.rows, rec.args, rec.versions,
+                             rec.out_versions):
                 recorded.clear()
+
+    def overwritten(self) -> list[LayerRecord]:
+        """Layers whose uncopied recorded outputs (``copy_outputs`` off) an in-place operation
+        changed after the layer ran: their gradients would be taken w.r.t. the wrong tensor.
+        They are marked to be recorded with copies from now on; the forward pass that recorded
+        them must be redone (after :meth:`clear`)."""
+        bad = [rec for rec in self.layers
+               if any(o._version != v for o, v in zip(rec.outputs, rec.out_versions))]
+        for rec in bad:
+            rec.copy_output = True
+        return bad
 
 
 class FitRecorder(LayerRecorder):
-    """The curvature fit's recorder: detached inputs, recorded lazily (``lazy_inputs``)."""
+    """The curvature fit's recorder: detached inputs, recorded lazily (``lazy_inputs``), outputs
+    passed on uncopied unless an in-place operation overwrites them (``copy_outputs`` off: the
+    engine checks :meth:`~LayerRecorder.overwritten` after every forward pass)."""
 
     lazy_inputs = True
+    copy_outputs = False
 
 
 class GraphLayerRecorder(LayerRecorder):
