@@ -265,12 +265,34 @@ class DiagAccumulator(Accumulator):
         return tensor_blocks(self.spec, sums, own)
 
 
+def warn_channels_first(fd: Tensor, records: Iterable) -> None:
+    """Warn if the model's outputs fd (N, *S, C) are a layer's channels-first output as it is
+    (e.g. a final ``nn.Conv2d``: (N, C_out, H, W)). The likelihood takes the last dimension as
+    the outputs and the others as positions, so KFAC would stack the GGN's columns over the
+    channels, which that convolution mixes: its blocks, even the bias's, are then not the
+    exact ones (``docs/equivariance.md``, "KFAC with channels-first outputs")."""
+    for rec in records:
+        feature_dim = getattr(rec.kind, "feature_dim", -1) % fd.ndim if fd.ndim > 2 else -1
+        feature_dim %= fd.ndim
+        if feature_dim == fd.ndim - 1:
+            continue
+        if any(out.shape == fd.shape for out in rec.outputs):
+            warnings.warn(
+                f"the model's outputs {tuple(fd.shape)} look like the channels-first output of "
+                f"layer {rec.name!r} (its features in dimension {feature_dim}); the likelihood "
+                f"takes the last dimension as the outputs, so the KFAC blocks are not exact: "
+                f"return output.movedim({feature_dim}, -1) (channels last), or use "
+                f"hessian_structure='diag' or 'full'", stacklevel=5)
+            return
+
+
 class KronAccumulator(Accumulator):
     """``"kron"``: per layer the factor sums A (D_in, D_in), G (D_out, D_out) and the count of
     :func:`~marglik.curvature.kfac.kfac_statistics`; Kronecker G ⊗ (A / count) for the weight,
     Dense G for the bias, exact diagonal blocks for the rest (with a warning)."""
 
     split_positions = False  # KFAC sums the stacked columns over positions
+    layout_checked = False
 
     def __init__(self, spec: FitSpec, sums: Sums):
         super().__init__(spec, sums)
@@ -281,6 +303,9 @@ class KronAccumulator(Accumulator):
 
     def add_batch(self, x, fd, y, U, layers) -> None:
         spec = self.spec
+        if not self.layout_checked:
+            self.layout_checked = True
+            warn_channels_first(fd, layers.layers)
         for rec, A, G, count in layers.kfac(spec.kfac_approx):
             self.sums.add(rec.name + ".A", A)
             self.sums.add(rec.name + ".G", G)

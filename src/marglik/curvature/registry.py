@@ -86,6 +86,9 @@ class LayerType:
             identity cheaper than forming ``inputs`` exists: Σ_{n,r} a aᵀ (D_in, D_in) for
             ``"expand"``, Σ_r a (N, D_in) for ``"reduce"`` (convolutions:
             :mod:`marglik.curvature.conv`). None: computed from ``inputs``.
+        feature_dim: the dimension of the layer's output that holds its D_out features (-1:
+            the last; 1 for channels-first convolutions). KFAC warns when such an output is the
+            model's output as it is, since the likelihood takes the *last* dimension as outputs.
     """
 
     inputs: Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
@@ -94,6 +97,7 @@ class LayerType:
     weight: str = "weight"
     bias: str | None = "bias"
     input_sums: Callable[[nn.Module, tuple[Tensor, ...], str], Tensor] | None = None
+    feature_dim: int = -1
 
 
 class LinearCall(Protocol):
@@ -264,9 +268,9 @@ def _conv_output_grads(module: nn.Module, g: Tensor) -> Tensor:
 
 LINEAR = LayerType(_linear_inputs, _linear_output_grads)
 CONV1D = LayerType(_conv1d_inputs, _conv_output_grads, _conv_applies,
-                   input_sums=_conv1d_input_sums)
+                   input_sums=_conv1d_input_sums, feature_dim=1)
 CONV2D = LayerType(_conv2d_inputs, _conv_output_grads, _conv_applies,
-                   input_sums=_conv2d_input_sums)
+                   input_sums=_conv2d_input_sums, feature_dim=1)
 
 register_layer(nn.Linear, LINEAR)
 register_layer(nn.Conv1d, CONV1D)
