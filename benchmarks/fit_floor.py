@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 from torch import Tensor, nn
@@ -40,9 +38,9 @@ from marglik.curvature.conv import conv_patch_sums, patch_gram
 from marglik.curvature.kfac import gram
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.fit_floor
-    from fit import cnn, epoch, mlp
+    from fit import cnn, epoch, median_times, mlp
 except ImportError:  # pragma: no cover
-    from benchmarks.fit import cnn, epoch, mlp
+    from benchmarks.fit import cnn, epoch, median_times, mlp
 from marglik.data import load_digits_split
 
 CASES = (  # (model, kfac_approx, K)
@@ -86,17 +84,6 @@ def floor_batch(model: nn.Sequential, x: Tensor, K: int, approx: str, stacked: b
             sum(gram(b.flatten(2).sum(-1)) for b in bs)
 
 
-def medians(fn, repeats: int) -> tuple[float, float]:
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -109,7 +96,7 @@ def main() -> None:
     models = {"mlp": mlp(), "cnn": cnn()}
     for name, approx, K in CASES:
         model = models[name]
-        t_epoch = medians(lambda model=model: epoch(model, loader), args.repeats)
+        t_epoch = median_times(lambda model=model: epoch(model, loader), args.repeats)
 
         floors = {}
         for stacked in (True, False):
@@ -117,7 +104,7 @@ def main() -> None:
                 for xb, _ in loader:
                     floor_batch(model, xb, K, approx, stacked)
 
-            floors[stacked] = medians(floor, args.repeats)
+            floors[stacked] = median_times(floor, args.repeats)
         t_floor = min(floors.values(), key=lambda t: t[1])  # the cheaper variant (CPU time)
         row = {"model": name, "kfac_approx": approx, "columns": K,
                "floor_s": round(t_floor[0], 4), "epoch_s": round(t_epoch[0], 4),
@@ -132,7 +119,7 @@ def main() -> None:
                 marglik.Laplace(model, "classification", hessian_structure="kron",
                                 kfac_approx=approx, curvature=curvature).fit(loader)
 
-            t_fit = medians(fit, args.repeats)
+            t_fit = median_times(fit, args.repeats)
             row.update(fit_s=round(t_fit[0], 4), fit_over_epoch=round(t_fit[0] / t_epoch[0], 2),
                        fit_cpu_ratio=round(t_fit[1] / t_epoch[1], 2),
                        fit_over_floor_cpu=round(t_fit[1] / t_floor[1], 2))
