@@ -88,3 +88,12 @@ def test_float_hyperparameters_take_the_model_dtype(float32_default, kind):
         expected = la.log_marginal_likelihood(torch.tensor(DELTA, dtype=dtype),
                                               torch.tensor(SIGMA, dtype=dtype))
         assert value.item() == expected.item()
+
+
+def test_sequences_take_the_model_dtype_and_bad_types_get_a_clear_error(float32_default):
+    model, x, y, _ = problem()
+    la = marglik.Laplace(model, "regression", prior_precision=[0.3, 1.0, 2.0, 3.0])
+    assert la.prior_precision.dtype == torch.float64  # the model's, not the default float32
+    assert la.prior_precision[0].item() == 0.3
+    with pytest.raises(TypeError, match="prior_precision must be a number"):
+        marglik.Laplace(model, "regression", prior_precision="large")

@@ -155,14 +155,18 @@ class Posterior(ABC):
             )
 
     def _number_as_tensor(self, value: Any) -> Any:
-        """A Python number as a 0-d tensor of the model's floating dtype (tensors unchanged), so
-        that a float64 model keeps σ = 0.7 or δ = 0.3 to rounding whatever torch's default
-        dtype is (``torch.as_tensor(0.3)`` would round it to float32)."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        """Python numbers (or a list / array of them) as a tensor of the model's floating dtype
+        (tensors and anything else unchanged, for the checks to judge), so that a float64 model
+        keeps σ = 0.7 or δ = 0.3 to rounding whatever torch's default dtype is
+        (``torch.as_tensor(0.3)`` would round it to float32)."""
+        if torch.is_tensor(value) or isinstance(value, (bool, str)) or value is None:
             return value
         param = next(self.model.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else None
-        return torch.as_tensor(float(value), dtype=dtype)
+        try:
+            return torch.as_tensor(value, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError):
+            return value
 
     @property
     def prior_precision(self) -> Tensor:

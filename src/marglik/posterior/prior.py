@@ -50,7 +50,11 @@ def check_precision(value: float | Tensor, allow_zero: bool = False) -> Tensor:
         if ref() is value and value._version == version and (allow_zero or not zero_ok):
             return value
     # a Python number: float64, exact; cast to the curvature's dtype where it is used
-    value = torch.as_tensor(value, dtype=None if torch.is_tensor(value) else torch.float64)
+    try:
+        value = torch.as_tensor(value, dtype=None if torch.is_tensor(value) else torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"prior_precision must be a number, a sequence of numbers or a tensor, "
+                        f"got {type(value).__name__}: {value!r}") from err
     if value.ndim > 1 or value.numel() == 0:
         raise ValueError(
             f"prior_precision must be a scalar or a vector, got shape {tuple(value.shape)}"
