@@ -142,6 +142,13 @@ def test_fc_off_layer_starts_as_half_the_convolution_and_can_switch_the_fc_path_
         assert torch.count_nonzero(last.weight) == 0
         assert last.weight.grad.abs().max() > 0  # the data can switch the FC path on
         assert torch.count_nonzero(conv_of(layer).weight) == conv_of(layer).weight.numel()
+    # ½ conv(x) starts at the Kaiming scale: conv weights U(±2·√(6/fan_in)), variance 8/fan_in
+    layer = SoftEquivariantConv2d(8, 16, (4, 4), 3, init="fc_off", padding_mode="circular")
+    w = conv_of(layer).weight
+    assert w.abs().max() <= 2 * math.sqrt(6 / 72) and w.var().item() == pytest.approx(8 / 72,
+                                                                                         rel=0.1)
+    assert torch.count_nonzero(conv_of(layer).bias) == 0
+    assert layer.fc.u.weight.var().item() == pytest.approx(1 / 16, rel=0.1)
 
 
 def test_torch_init_is_the_default_and_reset_parameters_reinitialises():

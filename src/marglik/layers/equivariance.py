@@ -27,8 +27,8 @@ over positions (its groups), so KFAC applies to each factor.
 
 Two choices matter for training image nets of these layers (docs/equivariance.md): the conv path's
 ``padding_mode="circular"`` (exact cyclic-shift equivariance, as in the paper; with zero padding a
-deep conv reads positions from the borders) and ``init="fc_off"`` (Kaiming conv, FC path starting
-at zero output; :data:`INITS`).
+deep conv reads positions from the borders) and ``init="fc_off"`` (the layer starts as a
+Kaiming-initialised conv, the FC path at zero output; :data:`INITS`).
 """
 
 from __future__ import annotations
@@ -322,12 +322,17 @@ def _init_kaiming(layer: SoftEquivariant) -> None:
 
 @torch.no_grad()
 def _init_fc_off(layer: SoftEquivariant) -> None:
-    """``"kaiming"`` with the FC path's *last* weight (``v`` of F-FC, the dense ``linear``) at
-    0: the layer starts as ½ conv(x), the FC path as a zero residual branch that the data must
-    switch on, while its gradient (through the other factor's random U, or the input) is
-    nonzero."""
+    """The layer starts as the Kaiming-initialised convolution it replaces: the FC path's
+    *last* weight (``v`` of F-FC, the dense ``linear``) at 0, so the FC path is a zero residual
+    branch whose gradient (through F-FC's random U, or the input) is nonzero and the data and
+    the evidence decide whether it is switched on; the conv weights Kaiming-uniform ×2
+    (variance 8/fan_in), so that ½ conv(x) has the Kaiming scale (with ``"kaiming"`` every
+    layer halves the signal, which slows training); other FC weights and all biases as
+    ``"kaiming"``."""
     _init_kaiming(layer)
     _weights(layer.fc)[-1].weight.zero_()
+    for m in _weights(layer.conv):
+        m.weight.mul_(2.0)
 
 
 #: Initialisations of a :class:`SoftEquivariant` layer (``reset_parameters(init)``):
