@@ -28,8 +28,8 @@ Nets (float32):
   weights and zero biases (PyTorch's defaults with ``--init torch``);
 - ``se``: the same with every conv replaced by ½(FC + Conv)
   (:class:`marglik.layers.SoftEquivariantConv2d`, factored FC path, ``--init``: default
-  ``fc_off``, the FC path starting at zero output, :data:`marglik.layers.INITS`) at 24×24,
-  12×12, 6×6;
+  ``fc_off``: each layer starts as the Kaiming conv it replaces, its FC path at zero output,
+  :data:`marglik.layers.INITS`) at 24×24, 12×12, 6×6;
 - ``fc``: MLP 576-180-180-classes (ReLU), about the ``se`` net's parameter count.
 
 Every net is trained the same way, by ``marglik.marglik_training`` (Adam, ``--lr``, batch 100,
