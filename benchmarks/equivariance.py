@@ -22,10 +22,14 @@ images: the first ``--n-test`` of its test split.
 Nets (float32):
 
 - ``cnn``: [Conv 3×3 (1→16), ReLU, MaxPool 2] → [Conv (16→16), ReLU, MaxPool 2] →
-  [Conv (16→32), ReLU] → global max pool → Linear(32 → classes): translation invariant (up to
-  the zero padding at the borders);
+  [Conv (16→32), ReLU] → global max pool → Linear(32 → classes), every conv with ``--padding``
+  (default circular: invariant to cyclic shifts by even offsets; with zero padding the
+  convs read positions from the borders and the CNN solves ``quadrant`` too), Kaiming-uniform
+  weights and zero biases (PyTorch's defaults with ``--init torch``);
 - ``se``: the same with every conv replaced by ½(FC + Conv)
-  (:class:`marglik.layers.SoftEquivariantConv2d`, factored FC path) at 24×24, 12×12, 6×6;
+  (:class:`marglik.layers.SoftEquivariantConv2d`, factored FC path, ``--init``: default
+  ``fc_off``: each layer starts as the Kaiming conv it replaces, its FC path at zero output,
+  :data:`marglik.layers.INITS`) at 24×24, 12×12, 6×6;
 - ``fc``: MLP 576-180-180-classes (ReLU), about the ``se`` net's parameter count.
 
 Every net is trained the same way, by ``marglik.marglik_training`` (Adam, ``--lr``, batch 100,
@@ -33,13 +37,15 @@ KFAC, layer-wise prior; for ``se`` one prior group per path per layer from
 :func:`marglik.layers.equivariance_prior_groups`), ``--burnin`` epochs without evidence, then
 every ``--frequency`` epochs an evidence fit and 50 hyper-steps. Each line: test accuracy and NLL
 of the trained network, the learned δ_fc and δ_conv of every ``se`` layer
-(:func:`marglik.layers.equivariance_balance`), parameters and wall time.
+(:func:`marglik.layers.equivariance_balance`) and its FC path's share of the layer's output
+on the test images (:func:`fc_output_share`), parameters and wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -53,6 +59,7 @@ import marglik
 from marglik import metrics
 from marglik.data.mnist import load_mnist
 from marglik.layers import (
+    PADDING_MODES,
     SoftEquivariantConv2d,
     equivariance_balance,
     equivariance_prior_groups,
@@ -91,27 +98,30 @@ def data(task: str, n_train: int, n_test: int, seed: int):
     return x, y, xt, yt
 
 
-def build(net: str, classes: int, fc_init: str = "default") -> nn.Module:
+def build(net: str, classes: int, init: str = "fc_off", padding: str = "circular") -> nn.Module:
+    """The nets of the docstring; ``init`` is the soft layers' (:data:`marglik.layers.INITS`),
+    the CNN's convs get the same Kaiming-uniform weights and zero biases unless it is
+    ``"torch"``; ``padding`` is every conv's padding mode."""
     if net == "fc":
         return nn.Sequential(nn.Flatten(), nn.Linear(CANVAS ** 2, 180), nn.ReLU(),
                              nn.Linear(180, 180), nn.ReLU(), nn.Linear(180, classes))
 
     def layer(c_in: int, c_out: int, size: int) -> nn.Module:
         if net == "se":
-            return SoftEquivariantConv2d(c_in, c_out, (size, size), 3, fc="factored")
-        return nn.Conv2d(c_in, c_out, 3, padding=1)
+            return SoftEquivariantConv2d(c_in, c_out, (size, size), 3, fc="factored",
+                                         padding_mode=padding, init=init)
+        conv = PADDING_MODES[padding](2, c_in, c_out, 3, True)  # the soft layers' conv path
+        weight = conv[-1] if isinstance(conv, nn.Sequential) else conv
+        if init != "torch":
+            nn.init.kaiming_uniform_(weight.weight, nonlinearity="relu")
+            nn.init.zeros_(weight.bias)
+        return conv
 
-    model = nn.Sequential(
+    return nn.Sequential(
         layer(1, 16, CANVAS), nn.ReLU(), nn.MaxPool2d(2),
         layer(16, 16, CANVAS // 2), nn.ReLU(), nn.MaxPool2d(2),
         layer(16, 32, CANVAS // 4), nn.ReLU(),
         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(32, classes))
-    if net == "se" and fc_init == "zero":  # start as the CNN: FC paths contribute 0
-        for module in model.modules():
-            if isinstance(module, SoftEquivariantConv2d):
-                nn.init.zeros_(module.fc.v.weight)
-                nn.init.zeros_(module.fc.v.bias)
-    return model
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -124,7 +134,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
 def run(args, task: str, net: str, seed: int) -> dict:
     x, y, xt, yt = data(task, args.n_train, args.n_test, seed)
     torch.manual_seed(seed)
-    model = build(net, CLASSES[task], args.fc_init)
+    model = build(net, CLASSES[task], args.init, args.padding)
     loader = DataLoader(TensorDataset(x, y), batch_size=100, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     laplace_kwargs = {"prior_groups": equivariance_prior_groups(model)} if net == "se" else {}
@@ -134,8 +144,9 @@ def run(args, task: str, net: str, seed: int) -> dict:
         n_epochs=args.epochs, n_epochs_burnin=args.burnin, marglik_frequency=args.frequency,
         n_hypersteps=50, optimizer_kwargs={"lr": args.lr}, laplace_kwargs=laplace_kwargs)
     seconds = time.perf_counter() - tic
-    out = {"task": task, "net": net, "fc_init": args.fc_init, "seed": seed, "n_train": args.n_train,
-           "epochs": args.epochs, "params": sum(p.numel() for p in model.parameters()),
+    out = {"task": task, "net": net, "init": args.init, "padding": args.padding, "seed": seed,
+           "n_train": args.n_train, "epochs": args.epochs, "lr": args.lr, "burnin": args.burnin,
+           "frequency": args.frequency, "params": sum(p.numel() for p in model.parameters()),
            **evaluate(model, xt, yt), "log_marglik": max(v for v in history["log_marglik"]
                                                          if v == v),
            "log_marglik_per_epoch": [round(v, 1) for v in history["log_marglik"]],
@@ -143,9 +154,32 @@ def run(args, task: str, net: str, seed: int) -> dict:
            "seconds": seconds, "hyper_seconds": sum(history.get("hyper_seconds", [])),
            "load": os.getloadavg()[0], "commit": commit()}
     if net == "se":
-        out["paths"] = {name: {"delta_fc": b.delta_fc, "delta_conv": b.delta_conv}
+        share = fc_output_share(model, xt)
+        out["paths"] = {name: {"delta_fc": b.delta_fc, "delta_conv": b.delta_conv,
+                               "fc_output_share": share[name]}
                         for name, b in equivariance_balance(model, la.prior_precision).items()}
     return out
+
+
+def fc_output_share(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per soft layer ‖fc(x)‖² / (‖fc(x)‖² + ‖conv(x)‖²) over the inputs reaching it from x:
+    how much of the layer's output the FC path makes (0 = switched off)."""
+    sums: dict[str, list[float]] = {}
+    hooks = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, SoftEquivariantConv2d):
+            sums[name] = [0.0, 0.0]
+            for i, path in enumerate((layer.fc, layer.conv)):
+                hooks.append(path.register_forward_hook(
+                    lambda m, inp, out, s=sums[name], i=i: s.__setitem__(
+                        i, s[i] + out.square().sum().item())))
+    model.eval()
+    with torch.no_grad():
+        for chunk in x.split(500):
+            model(chunk)
+    for h in hooks:
+        h.remove()
+    return {name: fc / (fc + conv) for name, (fc, conv) in sums.items()}
 
 
 def report(path: str, plot: str | None) -> None:
@@ -165,7 +199,10 @@ def report(path: str, plot: str | None) -> None:
             names = list(rs[0]["paths"])
             ratio = [sum(r["paths"][n]["delta_fc"] / r["paths"][n]["delta_conv"] for r in rs)
                      / len(rs) for n in names]
-            ratios = " · ".join(f"{v:.3g}" for v in ratio)
+            share = [sum(r["paths"][n].get("fc_output_share", math.nan) for r in rs) / len(rs)
+                     for n in names]
+            ratios = (" · ".join(f"{v:.3g}" for v in ratio) + " (FC output share "
+                      + " · ".join(f"{v:.2g}" for v in share) + ")")
         print(f"| {task} | {net} | {rs[0]['params']:,} | {len(rs)} | {mean('test_acc'):.4f} | "
               f"{mean('test_nll'):.3f} | {mean('log_marglik'):.0f} | {mean('seconds'):.0f} | "
               f"{ratios} |")
@@ -205,7 +242,9 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--fc-init", choices=["default", "zero"], default="default")
+    p.add_argument("--init", choices=["torch", "kaiming", "fc_off"], default="fc_off",
+                   help="the soft layers' init (the CNN's convs: Kaiming unless 'torch')")
+    p.add_argument("--padding", choices=["zeros", "circular"], default="circular")
     p.add_argument("--burnin", type=int, default=5)
     p.add_argument("--frequency", type=int, default=5)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])

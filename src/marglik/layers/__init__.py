@@ -27,6 +27,8 @@ from marglik.layers.balance import PathBalance, equivariance_balance, equivarian
 from marglik.layers.baselines import FULL_EXTENT, fixed_augmentation, no_augmentation
 from marglik.layers.equivariance import (
     FC_KINDS,
+    INITS,
+    PADDING_MODES,
     DenseFC,
     FactoredFC,
     GroupedLinear,
@@ -40,6 +42,8 @@ __all__ = [
     "FC_KINDS",
     "FULL_EXTENT",
     "GENERATOR_NAMES",
+    "INITS",
+    "PADDING_MODES",
     "AffineAugmentation",
     "Augmentation",
     "AugmentedModel",

@@ -24,6 +24,11 @@ positions,
 
 built from two :class:`GroupedLinear` maps (``fc.u``, ``fc.v``), each an exact linear map shared
 over positions (its groups), so KFAC applies to each factor.
+
+Two choices matter for training image nets of these layers (docs/equivariance.md): the conv path's
+``padding_mode="circular"`` (exact cyclic-shift equivariance, as in the paper; with zero padding a
+deep conv reads positions from the borders) and ``init="fc_off"`` (the layer starts as a
+Kaiming-initialised conv, the FC path at zero output; :data:`INITS`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "FC_KINDS",
+    "INITS",
+    "PADDING_MODES",
     "DenseFC",
     "FactoredFC",
     "GroupedLinear",
@@ -170,9 +177,15 @@ class SoftEquivariant(nn.Module):
         return {path: [f"{path}.{n}" for n, _ in getattr(self, path).named_parameters()]
                 for path in self.PATHS}
 
+    def reset_parameters(self, init: str = "torch") -> None:
+        """Re-initialise both paths by the scheme ``init`` (:data:`INITS`)."""
+        if init not in INITS:
+            raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
+        INITS[init](self)
+
 
 class SoftEquivariantConv2d(SoftEquivariant):
-    """½(FC + Conv2d) on images (N, C_in, H, W) -> (N, C_out, H, W) ('same' zero padding).
+    """½(FC + Conv2d) on images (N, C_in, H, W) -> (N, C_out, H, W) ('same' padding).
 
     Args:
         in_channels, out_channels: C_in, C_out.
@@ -180,34 +193,43 @@ class SoftEquivariantConv2d(SoftEquivariant):
         kernel_size: odd size k of the k×k convolution.
         fc: ``"dense"`` (:class:`DenseFC`) or ``"factored"`` (:class:`FactoredFC`).
         bias: biases in both paths.
+        padding_mode: ``"zeros"`` or ``"circular"`` (:data:`PADDING_MODES`): circular padding
+            makes the conv path exactly equivariant to cyclic shifts (the paper's choice);
+            zero padding lets a deep conv read positions near the borders.
+        init: ``"torch"`` (PyTorch's module defaults), ``"kaiming"`` or ``"fc_off"``
+            (:data:`INITS`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, shape: tuple[int, int],
-                 kernel_size: int = 3, fc: str = "factored", bias: bool = True):
+                 kernel_size: int = 3, fc: str = "factored", bias: bool = True,
+                 padding_mode: str = "zeros", init: str = "torch"):
         shape = _check_spatial(shape, 2)
         _check_channels(in_channels, out_channels, kernel_size)
         super().__init__(
             _fc_path(fc, (in_channels, *shape), (out_channels, *shape), bias),
-            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                      bias=bias),
+            _conv_path(2, in_channels, out_channels, kernel_size, bias, padding_mode),
         )
+        if init != "torch":  # the modules were just built with PyTorch's defaults
+            self.reset_parameters(init)
 
 
 class SoftEquivariantConv1d(SoftEquivariant):
-    """½(FC + Conv1d) on signals (N, C_in, L) -> (N, C_out, L) ('same' zero padding).
+    """½(FC + Conv1d) on signals (N, C_in, L) -> (N, C_out, L) ('same' padding).
 
     Args as :class:`SoftEquivariantConv2d` with ``length`` L instead of ``shape``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, length: int,
-                 kernel_size: int = 3, fc: str = "dense", bias: bool = True):
+                 kernel_size: int = 3, fc: str = "dense", bias: bool = True,
+                 padding_mode: str = "zeros", init: str = "torch"):
         (length,) = _check_spatial((length,), 1)
         _check_channels(in_channels, out_channels, kernel_size)
         super().__init__(
             _fc_path(fc, (in_channels, length), (out_channels, length), bias),
-            nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                      bias=bias),
+            _conv_path(1, in_channels, out_channels, kernel_size, bias, padding_mode),
         )
+        if init != "torch":  # the modules were just built with PyTorch's defaults
+            self.reset_parameters(init)
 
 
 class SoftEquivariantLinear(SoftEquivariant):
@@ -230,6 +252,92 @@ class SoftEquivariantLinear(SoftEquivariant):
                 f"SoftEquivariantLinear expects inputs (N, {self.features}), got {tuple(x.shape)}"
             )
         return 0.5 * (self.fc(x) + self.conv(x.unsqueeze(1)).squeeze(1))
+
+
+# ------------------------------------------------------------------------------ conv paths
+#: (conv, circular pad) module types per spatial dimensionality.
+_CONVS = {1: (nn.Conv1d, nn.CircularPad1d), 2: (nn.Conv2d, nn.CircularPad2d)}
+
+
+def _zeros_conv(dims: int, c_in: int, c_out: int, k: int, bias: bool) -> nn.Module:
+    return _CONVS[dims][0](c_in, c_out, k, padding=k // 2, bias=bias)
+
+
+def _circular_conv(dims: int, c_in: int, c_out: int, k: int, bias: bool) -> nn.Module:
+    conv, pad = _CONVS[dims]
+    # an explicit cyclic pad, then an unpadded conv: the curvature registry sees a plain
+    # zero-padding conv (padding 0) on the padded input, so its KFAC factors stay exact
+    return nn.Sequential(pad(k // 2), conv(c_in, c_out, k, padding=0, bias=bias))
+
+
+#: The conv path's padding: ``"zeros"`` (``ConvNd(padding=k // 2)``) or ``"circular"``
+#: (``Sequential(CircularPadNd(k // 2), ConvNd(padding=0))``).
+PADDING_MODES = {"zeros": _zeros_conv, "circular": _circular_conv}
+
+
+def _conv_path(dims: int, c_in: int, c_out: int, k: int, bias: bool,
+               padding_mode: str) -> nn.Module:
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {sorted(PADDING_MODES)}, "
+                         f"got {padding_mode!r}")
+    return PADDING_MODES[padding_mode](dims, c_in, c_out, k, bias)
+
+
+# ------------------------------------------------------------------------------ inits
+def _weights(path: nn.Module) -> list[nn.Module]:
+    """The modules of a path that hold a weight, in forward order."""
+    return [m for m in path.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
+def _fan_in(module: nn.Module) -> int:
+    """Inputs per output of one weight: D_in of a (grouped) linear map, C_in·k of a conv."""
+    w = module.weight
+    return w.shape[-1] if isinstance(module, GroupedLinear) else w[0].numel()
+
+
+@torch.no_grad()
+def _init_torch(layer: SoftEquivariant) -> None:
+    """PyTorch's defaults: U(±1/√fan_in) weights and biases in both paths."""
+    for m in _weights(layer.fc) + _weights(layer.conv):
+        bound = 1.0 / math.sqrt(_fan_in(m))
+        m.weight.uniform_(-bound, bound)
+        if m.bias is not None:
+            m.bias.uniform_(-bound, bound)
+
+
+@torch.no_grad()
+def _init_kaiming(layer: SoftEquivariant) -> None:
+    """The paper's (tychovdo/ella): conv weights Kaiming-uniform for ReLU (variance 2/fan_in),
+    every FC weight (``linear``; ``u`` and ``v`` of F-FC) variance 1/fan_in, so the FC path
+    keeps the mean square of its input; all biases 0."""
+    for m in _weights(layer.conv):
+        nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+    for m in _weights(layer.fc):
+        bound = math.sqrt(3.0 / _fan_in(m))
+        m.weight.uniform_(-bound, bound)
+    for m in _weights(layer.fc) + _weights(layer.conv):
+        if m.bias is not None:
+            m.bias.zero_()
+
+
+@torch.no_grad()
+def _init_fc_off(layer: SoftEquivariant) -> None:
+    """The layer starts as the Kaiming-initialised convolution it replaces: the FC path's
+    *last* weight (``v`` of F-FC, the dense ``linear``) at 0, so the FC path is a zero residual
+    branch whose gradient (through F-FC's random U, or the input) is nonzero and the data and
+    the evidence decide whether it is switched on; the conv weights Kaiming-uniform ×2
+    (variance 8/fan_in), so that ½ conv(x) has the Kaiming scale (with ``"kaiming"`` every
+    layer halves the signal, which slows training); other FC weights and all biases as
+    ``"kaiming"``."""
+    _init_kaiming(layer)
+    _weights(layer.fc)[-1].weight.zero_()
+    for m in _weights(layer.conv):
+        m.weight.mul_(2.0)
+
+
+#: Initialisations of a :class:`SoftEquivariant` layer (``reset_parameters(init)``):
+#: ``"torch"``, ``"kaiming"``, ``"fc_off"``.
+INITS = {"torch": _init_torch, "kaiming": _init_kaiming, "fc_off": _init_fc_off}
 
 
 # ------------------------------------------------------------------------------ checks
