@@ -14,8 +14,10 @@ seeds. Three experiments:
       lanam      LA-NAM stage 1 (``fit_additive``, diag GGN, a δ per feature, σ learned);
       lanam_int  + stage 2 with k = min(5, D(D−1)/2) pairs (time = both stages);
       nam        the same network trained on the MSE alone (no prior, no evidence), σ² = train MSE;
-      mlp        1×50 GELU MLP by online evidence (marglik_training, KFAC, layer-wise δ, σ) —
-                 the stand-in for ``LaplaceRegressor`` (which lives on another branch);
+      mlp        1×50 GELU MLP by online evidence (marglik_training, KFAC, layer-wise δ, σ) on
+                 this script's schedule (the stand-in used before ``LaplaceRegressor`` landed);
+      laplace_regressor  ``marglik.LaplaceRegressor`` with its defaults (1×50 tanh MLP, its own
+                 budget), ``random_state`` = split;
       hgb        scikit-learn HistGradientBoostingRegressor (defaults), σ² from 5-fold CV residuals;
       gam        pyGAM LinearGAM, ``gridsearch`` over its default λ grid, its prediction interval.
     Each network run gets about ``--steps`` Adam steps of batch ``--batch-size`` (lr 1e-2, at least
@@ -219,6 +221,13 @@ def run_uci(args) -> None:
                 la = _mlp(X, y, sched, split)
                 report("mlp", *_la_predict(la, Xt), time.perf_counter() - t)
             Xn, yn, Xtn = X.numpy(), y[:, 0].numpy(), Xt.numpy()
+            if "laplace_regressor" in args.methods:
+                from marglik import LaplaceRegressor
+
+                t = time.perf_counter()
+                reg = LaplaceRegressor(random_state=split).fit(Xn, yn)
+                mean, std = reg.predict(Xtn, return_std=True)
+                report("laplace_regressor", mean, std**2, time.perf_counter() - t)
             if "hgb" in args.methods:
                 t = time.perf_counter()
                 hgb = HistGradientBoostingRegressor(random_state=split)
@@ -300,7 +309,8 @@ def tables(path: str) -> None:
                   f"{ms([r['sigma'] for r in rs])} | {ms([r['seconds'] for r in rs])} |")
     uci = [r for r in rows if r["exp"] == "uci"]
     if uci:
-        methods = [m for m in ["lanam", "lanam_int", "nam", "mlp", "hgb", "gam"]
+        methods = [m for m in ["lanam", "lanam_int", "nam", "mlp", "laplace_regressor", "hgb",
+                               "gam"]
                    if any(r["method"] == m for r in uci)]
         for metric in ("ll", "rmse", "seconds"):
             print(f"\n{metric}\n\n| set | splits | " + " | ".join(methods) + " |")
