@@ -200,7 +200,8 @@ def run_uci(args) -> None:
                           **extra), args.out)
 
             if "lanam" in args.methods or "lanam_int" in args.methods:
-                fit = fit_additive(X, y, hidden=tuple(args.hidden), seed=split, **sched)
+                fit = fit_additive(X, y, hidden=tuple(args.hidden), activation=args.activation,
+                                   seed=split, **sched)
                 report("lanam", *_la_predict(fit.la, Xt), fit.seconds,
                        precisions=fit.feature_precisions.round(decimals=3).tolist(),
                        sigma=float(fit.la.sigma_noise))
@@ -341,7 +342,8 @@ def main() -> None:
     p.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+",
                    default=["lanam", "lanam_int", "nam", "mlp", "hgb", "gam"])
-    p.add_argument("--hidden", type=int, nargs="+", default=[32, 32])
+    p.add_argument("--hidden", type=int, nargs="+", default=[64])
+    p.add_argument("--activation", default="relu")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--min-epochs", type=int, default=50)

@@ -31,7 +31,7 @@ _DTYPE = torch.float32
 class _AdditiveBase(BaseEstimator):
     """Shared fitting and shape-function code; subclasses set the likelihood."""
 
-    def __init__(self, hidden=(32, 32), activation="gelu", n_epochs=300, lr=1e-2,
+    def __init__(self, hidden=(64,), activation="relu", n_epochs=300, lr=1e-2,
                  batch_size=512, n_interactions=0, n_epochs_interactions=None,
                  hessian_structure="kron", n_epochs_burnin=20, marglik_frequency=20,
                  n_hypersteps=50, lr_hyp=0.1, random_state=None):
@@ -140,7 +140,7 @@ class LaplaceAdditiveRegressor(RegressorMixin, _AdditiveBase):
         :class:`~marglik.applications.additive.AdditiveFit`).
     """
 
-    def __init__(self, hidden=(32, 32), activation="gelu", n_epochs=300, lr=1e-2,
+    def __init__(self, hidden=(64,), activation="relu", n_epochs=300, lr=1e-2,
                  batch_size=512, n_interactions=0, n_epochs_interactions=None,
                  heteroscedastic=False, hessian_structure="kron", n_epochs_burnin=20,
                  marglik_frequency=20, n_hypersteps=50, lr_hyp=0.1, random_state=None):
