@@ -274,7 +274,10 @@ def test_evidence_switches_off_noise_features():
     g = torch.Generator().manual_seed(0)
     X = torch.rand(300, 4, generator=g) * 2 - 1
     y = torch.sin(math.pi * X[:, 0]) + X[:, 1] + 0.1 * torch.randn(300, generator=g)
-    fit = fit_additive(X, y, hidden=(8,), n_epochs=120, batch_size=100, n_epochs_burnin=10,
+    # the default (Kronecker) evidence switches a noise feature off more slowly than the
+    # diagonal one did: after 120 epochs feature 2 had δ 8.4 (4× the informative ones), after
+    # 400 epochs 73 (33×)
+    fit = fit_additive(X, y, hidden=(8,), n_epochs=400, batch_size=100, n_epochs_burnin=10,
                        marglik_frequency=10, seed=0)
     delta = fit.feature_precisions
     assert delta[2:].min() >= 10 * delta[:2].max()
