@@ -323,6 +323,21 @@ def tables(path: str) -> None:
                     cells.append(ms(v) if v else "—")
                 n_splits = len({r["split"] for r in uci if r["set"] == name})
                 print(f"| {name} | {n_splits} | " + " | ".join(cells) + " |")
+    if uci and any(r["method"] == "lanam" for r in uci):
+        print("\npaired test log-likelihood differences, lanam minus each reference, over the "
+              "splits both ran (mean ± se; wins = splits where lanam ≥ the reference)\n")
+        refs = [m for m in ("gam", "laplace_regressor") if any(r["method"] == m for r in uci)]
+        print("| set | " + " | ".join(f"splits, lanam − {m}, wins" for m in refs) + " |")
+        print("|---|" + "---|" * len(refs))
+        for name in dict.fromkeys(r["set"] for r in uci):
+            ll = {(r["method"], r["split"]): r["ll"] for r in uci if r["set"] == name}
+            cells = []
+            for m in refs:
+                splits = sorted(s for (k, s) in ll if k == "lanam" and (m, s) in ll)
+                diff = [ll["lanam", s] - ll[m, s] for s in splits]
+                cells.append(f"{len(splits)}, {ms(diff)}, {sum(d >= 0 for d in diff)}"
+                             if diff else "—")
+            print(f"| {name} | " + " | ".join(cells) + " |")
     cls = [r for r in rows if r["exp"] == "classification"]
     if cls:
         print("\n| method | runs | accuracy | NLL | ECE | s per fit |\n|---|---|---|---|---|---|")
