@@ -14,8 +14,10 @@ seeds. Three experiments:
       lanam      LA-NAM stage 1 (``fit_additive``, diag GGN, a δ per feature, σ learned);
       lanam_int  + stage 2 with k = min(5, D(D−1)/2) pairs (time = both stages);
       nam        the same network trained on the MSE alone (no prior, no evidence), σ² = train MSE;
-      mlp        1×50 GELU MLP by online evidence (marglik_training, KFAC, layer-wise δ, σ) —
-                 the stand-in for ``LaplaceRegressor`` (which lives on another branch);
+      mlp        1×50 GELU MLP by online evidence (marglik_training, KFAC, layer-wise δ, σ) on
+                 this script's schedule (the stand-in used before ``LaplaceRegressor`` landed);
+      laplace_regressor  ``marglik.LaplaceRegressor`` with its defaults (1×50 tanh MLP, its own
+                 budget), ``random_state`` = split;
       hgb        scikit-learn HistGradientBoostingRegressor (defaults), σ² from 5-fold CV residuals;
       gam        pyGAM LinearGAM, ``gridsearch`` over its default λ grid, its prediction interval.
     Each network run gets about ``--steps`` Adam steps of batch ``--batch-size`` (lr 1e-2, at least
@@ -198,7 +200,8 @@ def run_uci(args) -> None:
                           **extra), args.out)
 
             if "lanam" in args.methods or "lanam_int" in args.methods:
-                fit = fit_additive(X, y, hidden=tuple(args.hidden), seed=split, **sched)
+                fit = fit_additive(X, y, hidden=tuple(args.hidden), activation=args.activation,
+                                   seed=split, **sched)
                 report("lanam", *_la_predict(fit.la, Xt), fit.seconds,
                        precisions=fit.feature_precisions.round(decimals=3).tolist(),
                        sigma=float(fit.la.sigma_noise))
@@ -219,6 +222,13 @@ def run_uci(args) -> None:
                 la = _mlp(X, y, sched, split)
                 report("mlp", *_la_predict(la, Xt), time.perf_counter() - t)
             Xn, yn, Xtn = X.numpy(), y[:, 0].numpy(), Xt.numpy()
+            if "laplace_regressor" in args.methods:
+                from marglik import LaplaceRegressor
+
+                t = time.perf_counter()
+                reg = LaplaceRegressor(random_state=split).fit(Xn, yn)
+                mean, std = reg.predict(Xtn, return_std=True)
+                report("laplace_regressor", mean, std**2, time.perf_counter() - t)
             if "hgb" in args.methods:
                 t = time.perf_counter()
                 hgb = HistGradientBoostingRegressor(random_state=split)
@@ -300,7 +310,8 @@ def tables(path: str) -> None:
                   f"{ms([r['sigma'] for r in rs])} | {ms([r['seconds'] for r in rs])} |")
     uci = [r for r in rows if r["exp"] == "uci"]
     if uci:
-        methods = [m for m in ["lanam", "lanam_int", "nam", "mlp", "hgb", "gam"]
+        methods = [m for m in ["lanam", "lanam_int", "nam", "mlp", "laplace_regressor", "hgb",
+                               "gam"]
                    if any(r["method"] == m for r in uci)]
         for metric in ("ll", "rmse", "seconds"):
             print(f"\n{metric}\n\n| set | splits | " + " | ".join(methods) + " |")
@@ -312,6 +323,21 @@ def tables(path: str) -> None:
                     cells.append(ms(v) if v else "—")
                 n_splits = len({r["split"] for r in uci if r["set"] == name})
                 print(f"| {name} | {n_splits} | " + " | ".join(cells) + " |")
+    if uci and any(r["method"] == "lanam" for r in uci):
+        print("\npaired test log-likelihood differences, lanam minus each reference, over the "
+              "splits both ran (mean ± se; wins = splits where lanam ≥ the reference)\n")
+        refs = [m for m in ("gam", "laplace_regressor") if any(r["method"] == m for r in uci)]
+        print("| set | " + " | ".join(f"splits, lanam − {m}, wins" for m in refs) + " |")
+        print("|---|" + "---|" * len(refs))
+        for name in dict.fromkeys(r["set"] for r in uci):
+            ll = {(r["method"], r["split"]): r["ll"] for r in uci if r["set"] == name}
+            cells = []
+            for m in refs:
+                splits = sorted(s for (k, s) in ll if k == "lanam" and (m, s) in ll)
+                diff = [ll["lanam", s] - ll[m, s] for s in splits]
+                cells.append(f"{len(splits)}, {ms(diff)}, {sum(d >= 0 for d in diff)}"
+                             if diff else "—")
+            print(f"| {name} | " + " | ".join(cells) + " |")
     cls = [r for r in rows if r["exp"] == "classification"]
     if cls:
         print("\n| method | runs | accuracy | NLL | ECE | s per fit |\n|---|---|---|---|---|---|")
@@ -331,7 +357,8 @@ def main() -> None:
     p.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+",
                    default=["lanam", "lanam_int", "nam", "mlp", "hgb", "gam"])
-    p.add_argument("--hidden", type=int, nargs="+", default=[32, 32])
+    p.add_argument("--hidden", type=int, nargs="+", default=[64])
+    p.add_argument("--activation", default="relu")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--min-epochs", type=int, default=50)

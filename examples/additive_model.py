@@ -1,7 +1,8 @@
 """Laplace neural additive model (LA-NAM) on a toy table: feature selection and shape functions.
 
 Three informative features and three pure-noise ones. The evidence learns one prior precision
-per feature subnetwork; the noise features get far larger ones (they are switched off), and each
+per feature subnetwork; the noise features get larger ones (here 7.6–21 against 1.3–3.9 after
+150 epochs; under the default Kronecker evidence they keep growing with longer training), and each
 feature's shape function comes with a credible band from the linearised Laplace posterior.
 
     PYTHONPATH=src python examples/additive_model.py   # writes additive_shapes.png

@@ -274,7 +274,10 @@ def test_evidence_switches_off_noise_features():
     g = torch.Generator().manual_seed(0)
     X = torch.rand(300, 4, generator=g) * 2 - 1
     y = torch.sin(math.pi * X[:, 0]) + X[:, 1] + 0.1 * torch.randn(300, generator=g)
-    fit = fit_additive(X, y, hidden=(8,), n_epochs=120, batch_size=100, n_epochs_burnin=10,
+    # the default (Kronecker) evidence switches a noise feature off more slowly than the
+    # diagonal one did: after 120 epochs feature 2 had δ 8.4 (4× the informative ones), after
+    # 400 epochs 73 (33×)
+    fit = fit_additive(X, y, hidden=(8,), n_epochs=400, batch_size=100, n_epochs_burnin=10,
                        marglik_frequency=10, seed=0)
     delta = fit.feature_precisions
     assert delta[2:].min() >= 10 * delta[:2].max()
@@ -298,8 +301,8 @@ def test_bad_input_is_named():
         fit_additive(X, torch.full((10,), float("nan")), n_epochs=1)
     with pytest.raises(ValueError, match="binary targets must be 0 or 1"):
         fit_additive(X, torch.arange(10.0), "binary", n_epochs=1)
-    with pytest.raises(ValueError, match="hessian_structure must be 'diag' or 'full'"):
-        fit_additive(X, torch.randn(10), hessian_structure="kron", n_epochs=1)
+    with pytest.raises(ValueError, match="hessian_structure must be one of"):
+        fit_additive(X, torch.randn(10), hessian_structure="lowrank", n_epochs=1)
     with pytest.raises(ValueError, match="likelihood must be one of"):
         fit_additive(X, torch.randn(10), "poisson", n_epochs=1)
     with pytest.raises(ValueError, match="X has 10 rows but y has 9"):

@@ -13,11 +13,17 @@ no Python loop over subnetworks in the maths. Every subnetwork keeps *its own pa
 :class:`~marglik.posterior.Prior` (one prior precision per subnetwork learned by the evidence:
 implicit feature selection). The tensors are stacked by one ``torch.stack`` per layer and call.
 
-Curvature: :class:`BlockLinear` is not a registered layer type (the registry's Kronecker blocks
-are one per weight tensor *and* module, while here one module holds G weight tensors), so its
-parameters take the curvature engine's exact per-sample ``torch.func`` path: exact full GGN
-(``"full"``) and exact GGN diagonal (``"diag"``, the default of the additive model);
-``"kron"`` gives diagonal blocks for them with a warning (``docs/additive.md``).
+Curvature: :class:`BlockLinear` is registered with the curvature layer registry as a
+:class:`~marglik.curvature.registry.CompositeType` whose G parts are its G linear maps
+(``weight.<g>``, ``bias.<g>``), so ``"kron"`` gives one Kronecker block G_g ⊗ A_g per subnetwork
+and layer (and a dense block for each bias), the structure of Bouchiat et al. — block-diagonal
+over subnetworks and layers, each block Kronecker-factored (Martens & Grosse, ICML 2015). The
+registered forward, used only while a fit records, calls the G maps one after another; training
+and prediction use the batched ``einsum``. ``"full"`` (exact full GGN) and ``"diag"`` (exact GGN
+diagonal) take the engine's per-sample ``torch.func`` path. ``"kron"`` is the default of the
+additive model: the diagonal's log-determinant over-counts the Occam factor (Hadamard's
+inequality, log det P ≤ Σ_i log P_ii), which over-regularises the subnetworks
+(``benchmarks/RESULTS-additive.md``, diagnosis).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from marglik.curvature.registry import CompositeType, LinearCall, LinearPart, register_layer
 
 __all__ = ["ACTIVATIONS", "BlockLinear", "BlockMLP"]
 
@@ -127,3 +135,23 @@ class BlockMLP(nn.Module):
         """Names of the last-layer weight tensors, one per subnetwork, in order."""
         last = len(self.layers) - 1
         return [f"{prefix}layers.{last}.weight.{g}" for g in range(self.groups)]
+
+
+def _block_linear_parts(module: BlockLinear) -> list[LinearPart]:
+    """One linear part per subnetwork g: ``weight.<g>`` (D_out, D_in), ``bias.<g>``."""
+    return [LinearPart(f"g{g}", f"weight.{g}", f"bias.{g}") for g in range(module.groups)]
+
+
+def _block_linear_forward(module: BlockLinear, linear: LinearCall, x: Tensor) -> Tensor:
+    """:meth:`BlockLinear.forward` with every map made through ``linear`` (recording only):
+    x (N, G, D_in) -> (N, G, D_out); the G calls are the G Kronecker blocks of a fit."""
+    expected = (module.groups, module.in_features)
+    if x.dim() != 3 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"BlockLinear expects inputs (N, {expected[0]}, {expected[1]}), "
+                         f"got {tuple(x.shape)}")
+    return torch.stack([linear(f"g{g}", x[:, g], w, b)
+                        for g, (w, b) in enumerate(zip(module.weight, module.bias))], 1)
+
+
+register_layer(BlockLinear, CompositeType(parts=_block_linear_parts,
+                                          forward=_block_linear_forward))

@@ -31,9 +31,9 @@ _DTYPE = torch.float32
 class _AdditiveBase(BaseEstimator):
     """Shared fitting and shape-function code; subclasses set the likelihood."""
 
-    def __init__(self, hidden=(32, 32), activation="gelu", n_epochs=300, lr=1e-2,
+    def __init__(self, hidden=(64,), activation="relu", n_epochs=300, lr=1e-2,
                  batch_size=512, n_interactions=0, n_epochs_interactions=None,
-                 hessian_structure="diag", n_epochs_burnin=20, marglik_frequency=20,
+                 hessian_structure="kron", n_epochs_burnin=20, marglik_frequency=20,
                  n_hypersteps=50, lr_hyp=0.1, random_state=None):
         self.hidden = hidden
         self.activation = activation
@@ -130,7 +130,7 @@ class LaplaceAdditiveRegressor(RegressorMixin, _AdditiveBase):
         n_interactions: k pair subnetworks added in stage 2 (0: none).
         n_epochs_interactions: epochs of stage 2 (default ``n_epochs``).
         heteroscedastic: natural-parameter Gaussian likelihood (input-dependent noise).
-        hessian_structure: ``"diag"`` or ``"full"``.
+        hessian_structure: ``"kron"`` (default, as the paper), ``"full"`` or ``"diag"``.
         n_epochs_burnin, marglik_frequency, n_hypersteps, lr_hyp: the evidence updates.
         random_state: seed (int), ``RandomState`` or None.
 
@@ -140,9 +140,9 @@ class LaplaceAdditiveRegressor(RegressorMixin, _AdditiveBase):
         :class:`~marglik.applications.additive.AdditiveFit`).
     """
 
-    def __init__(self, hidden=(32, 32), activation="gelu", n_epochs=300, lr=1e-2,
+    def __init__(self, hidden=(64,), activation="relu", n_epochs=300, lr=1e-2,
                  batch_size=512, n_interactions=0, n_epochs_interactions=None,
-                 heteroscedastic=False, hessian_structure="diag", n_epochs_burnin=20,
+                 heteroscedastic=False, hessian_structure="kron", n_epochs_burnin=20,
                  marglik_frequency=20, n_hypersteps=50, lr_hyp=0.1, random_state=None):
         super().__init__(hidden, activation, n_epochs, lr, batch_size, n_interactions,
                          n_epochs_interactions, hessian_structure, n_epochs_burnin,

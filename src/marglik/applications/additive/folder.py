@@ -119,7 +119,8 @@ def fit_additive_table(
     callback: Callable[[int, dict], None] | None = None,
     progress: bool = False,
 ) -> tuple[AdditiveTableModel, dict[str, Any]]:
-    """Standardise ``table`` and fit LA-NAM on it (diagonal Laplace; full batch up to
+    """Standardise ``table`` and fit LA-NAM on it (Kronecker-factored Laplace per subnetwork and
+    layer, :func:`~marglik.applications.additive.fit_additive`'s default; full batch up to
     :data:`~marglik.applications.tabular.FULL_BATCH_MAX` rows, else mini-batches of
     :data:`~marglik.applications.tabular.BATCH_SIZE`, as the MLP).
 
