@@ -199,7 +199,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     fit.add_argument(
         "--hidden", default=None,
-        help="hidden widths, e.g. 50 or 50,50 (default: 50 for mlp; 32,32 per feature for "
+        help="hidden widths, e.g. 50 or 50,50 (default: 50 for mlp; 64 per feature for "
         "additive)",
     )
     fit.add_argument(

@@ -72,7 +72,7 @@ def check_threads(text: str) -> int:
 
 
 #: ``--hidden`` when not given, per ``--model``
-DEFAULT_HIDDEN = {"mlp": "50", "additive": "32,32"}
+DEFAULT_HIDDEN = {"mlp": "50", "additive": "64"}  # additive: fit_additive's default
 
 
 def check_fit_options(args: argparse.Namespace) -> FitOptions:
