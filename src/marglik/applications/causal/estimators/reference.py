@@ -17,7 +17,8 @@ sizes — as one batch: parameters W1 (B, H, 1), b1 (B, H, 1), W2 (B, 2, H), b2 
 head (B, 2, 1) = (a, b); data X (B, 1, n), Y (B, n) padded to the largest n with point weights
 M (B, n) = 1/n_b on real points and 0 on padding. The loss is Σ_b mean_i nll_bi and Adam is
 elementwise, so each network follows exactly the path of its own one-network fit (tested). Networks
-run in chunks of ``chunk`` so that a chunk's tensors stay in cache for all steps.
+run in chunks of ``chunk`` so that a chunk's tensors stay in cache for all steps. What makes a step
+cheap (no hidden layer formed, a flat Adam, optional float32 work): docs/causal.md §3.
 """
 
 from __future__ import annotations
