@@ -12,12 +12,15 @@ For every dataset (AN, LS, MN-U, SIM, SIM-c from ``/work/shared/data/cause-effec
   directions of all pairs of a dataset fitted as one batched model (:func:`loci_many`).
 
 One process, one thread. Prints one JSON line per (dataset, configuration, rule) with accuracy and
-AUDRC (weighted on Tübingen), then a summary; ``--markdown`` writes the table. ``--speed K`` instead
-times the reference NN on the first K AN pairs one pair at a time (:func:`loci`) and batched
-(:func:`loci_many`), at ``--nn-steps`` steps, and prints pairs per second for both.
+AUDRC (weighted on Tübingen), then a summary; ``--markdown`` writes the table.
+``--nn-dtype float32`` runs the reference NN's hidden-layer work in float32 (faster; docs/causal.md
+§3). ``--speed K``
+instead times the reference NN on the first K pairs of ``--speed-set`` one pair at a time
+(:func:`loci`), batched (:func:`loci_many`) and batched in float32, at ``--nn-steps`` steps, and
+prints pairs per second for each.
 
     python benchmarks/causal_reference.py --markdown /tmp/causal-ref.md
-    python benchmarks/causal_reference.py --speed 8 --nn-steps 500
+    python benchmarks/causal_reference.py --speed 20 --speed-set SIM --nn-steps 500
 """
 
 from __future__ import annotations
@@ -75,10 +78,15 @@ def run_config(pairs, config: str, args) -> list:
     common = {"method": "loci-h", "estimator": estimator, "reference": reference}
     common["all_scores"] = True
     if estimator == "nn":
-        common["estimator_options"] = {"steps": args.nn_steps}
+        common["estimator_options"] = {"steps": args.nn_steps, **nn_work(args)}
         common["max_fit_points"] = args.nn_fit_points or None
         return loci_many([(p.x, p.y) for p in pairs], **common)
     return [loci(p.x, p.y, **common) for p in pairs]
+
+
+def nn_work(args) -> dict:
+    """The reference NN's speed settings from the command line: compute dtype, chunk."""
+    return {"compute_dtype": getattr(torch, args.nn_dtype), "chunk": args.nn_chunk}
 
 
 def score_rows(name, pairs, config, results) -> list[dict]:
@@ -105,25 +113,35 @@ def score_rows(name, pairs, config, results) -> list[dict]:
 
 
 def speed(args) -> None:
-    pairs = [(p.x, p.y) for p in load("AN", args.speed)]
-    options = {"estimator": "nn", "reference": True, "estimator_options": {"steps": args.nn_steps}}
-    start = time.perf_counter()
-    one = [loci(x, y, **options) for x, y in pairs]
-    t_one = time.perf_counter() - start
-    start = time.perf_counter()
-    many = loci_many(pairs, **options)
-    t_many = time.perf_counter() - start
-    gap = max(abs(a.score - b.score) for a, b in zip(one, many, strict=True))
-    row = {
-        "speed_pairs": len(pairs),
-        "nn_steps": args.nn_steps,
-        "one_at_a_time_pairs_per_s": len(pairs) / t_one,
-        "batched_pairs_per_s": len(pairs) / t_many,
-        "one_at_a_time_s": round(t_one, 2),
-        "batched_s": round(t_many, 2),
-        "max_score_difference": gap,
-        "load_average": os.getloadavg(),
+    """Pairs per second of the reference NN: one pair at a time (float64), batched in float64
+    and batched with float32 hidden-layer work, on the first ``args.speed`` pairs of
+    ``--speed-set``."""
+    pairs = [(p.x, p.y) for p in load(args.speed_set, args.speed)]
+    options = {"estimator": "nn", "reference": True, "max_fit_points": args.nn_fit_points or None}
+    runs = {
+        "one_at_a_time_float64": (False, {}),
+        "batched_float64": (True, {}),
+        "batched_float32": (True, {"compute_dtype": torch.float32}),
     }
+    row: dict = {"speed_set": args.speed_set, "speed_pairs": len(pairs), "nn_steps": args.nn_steps}
+    scores = {}
+    for name, (batched, extra) in runs.items():
+        opts = {**options, "estimator_options": {"steps": args.nn_steps, "chunk": args.nn_chunk}}
+        opts["estimator_options"].update(extra)
+        start = time.perf_counter()
+        if batched:
+            results = loci_many(pairs, **opts)
+        else:
+            results = [loci(x, y, **opts) for x, y in pairs]
+        seconds = time.perf_counter() - start
+        scores[name] = np.array([r.score for r in results])
+        row[f"{name}_pairs_per_s"] = round(len(pairs) / seconds, 3)
+        row[f"{name}_s"] = round(seconds, 2)
+    exact = scores["one_at_a_time_float64"]
+    for name in ("batched_float64", "batched_float32"):
+        row[f"max_score_difference_{name}"] = float(np.abs(scores[name] - exact).max())
+    row["float32_same_decisions"] = int(((scores["batched_float32"] >= 0) == (exact >= 0)).sum())
+    row["load_average"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(row), flush=True)
 
 
@@ -133,6 +151,14 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=DEFAULT, choices=list(CONFIGS))
     parser.add_argument("--nn-steps", type=int, default=5000)
     parser.add_argument("--nn-fit-points", type=int, default=2000)
+    parser.add_argument(
+        "--nn-dtype",
+        choices=["float64", "float32"],
+        default="float64",
+        help="dtype of the reference NN's hidden-layer work (float64: authors')",
+    )
+    parser.add_argument("--nn-chunk", type=int, default=4, help="networks per batched chunk")
+    parser.add_argument("--speed-set", choices=DATASETS, default="AN")
     parser.add_argument("--subset", type=int, default=None, help="first K pairs of every set")
     parser.add_argument("--every", type=int, default=1, help="every K-th pair of every set only")
     parser.add_argument("--start", type=int, default=0, help="first pair index for --every")
@@ -168,6 +194,8 @@ def main(argv=None) -> int:
         "seconds": seconds,
         "nn_steps": args.nn_steps,
         "nn_fit_points": args.nn_fit_points,
+        "nn_dtype": args.nn_dtype,
+        "nn_chunk": args.nn_chunk,
         "every": args.every,
         "start": args.start,
         "commit": commit.stdout.strip(),

@@ -9,6 +9,7 @@ import torch
 from marglik.applications.causal.estimators import standardise
 from marglik.applications.causal.estimators.reference import (
     ReferenceNeuralEstimator,
+    adam_step,
     cosine_lr,
     fit_reference_batch,
     reference_init,
@@ -138,16 +139,46 @@ def test_training_matches_the_autograd_replica():
     assert math.isfinite(est.log_lik(x, y).mean())
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 8])
-def test_batched_fit_equals_one_pair_fits(chunk):
+@pytest.mark.parametrize(
+    ("chunk", "dtype"),
+    [(1, torch.float64), (3, torch.float64), (8, torch.float64), (3, torch.float32)],
+)
+def test_batched_fit_equals_one_pair_fits(chunk, dtype):
     pairs = [data(n, s) for s, n in enumerate([60, 90, 60, 75, 90])]
     pairs += [(y, x) for x, y in pairs[:2]]  # both directions of two pairs
-    batch = [ReferenceNeuralEstimator(steps=100, chunk=chunk) for _ in pairs]
+    batch = [ReferenceNeuralEstimator(steps=100, chunk=chunk, compute_dtype=dtype) for _ in pairs]
     fit_reference_batch(batch, pairs)
+    # float32 work: padding and batch size change float32 summation order (rounding ~1e-7)
+    rel = 1e-10 if dtype == torch.float64 else 1e-5
     for est, (x, y) in zip(batch, pairs, strict=True):
-        alone = ReferenceNeuralEstimator(steps=100).fit(x, y)
-        assert est.min_loss_ == pytest.approx(alone.min_loss_, rel=1e-10)
-        np.testing.assert_allclose(est.log_lik(x, y), alone.log_lik(x, y), rtol=1e-8)
+        alone = ReferenceNeuralEstimator(steps=100, compute_dtype=dtype).fit(x, y)
+        assert est.min_loss_ == pytest.approx(alone.min_loss_, rel=rel)
+        np.testing.assert_allclose(est.log_lik(x, y), alone.log_lik(x, y), rtol=100 * rel)
+
+
+def test_adam_step_is_torchs_adam():
+    torch.manual_seed(0)
+    theta = torch.randn(30, dtype=torch.float64)
+    ours = theta.clone()
+    moments = (torch.zeros(30, dtype=torch.float64), torch.zeros(30, dtype=torch.float64))
+    theirs = theta.clone().requires_grad_(True)
+    opt = torch.optim.Adam([theirs], lr=0.05)
+    for step in range(1, 40):
+        grad = torch.sin(3 * ours) + ours**2  # any gradient field, the same one for both
+        adam_step(ours, grad, moments, step, lr=0.05)
+        theirs.grad = torch.sin(3 * theirs.detach()) + theirs.detach() ** 2
+        opt.step()
+        torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=0)
+
+
+def test_float32_work_stays_close_to_float64():
+    """float32 hidden-layer work: the same fit up to float32 rounding, amplified by training."""
+    x, y = data(200, 3)
+    exact = ReferenceNeuralEstimator(steps=300).fit(x, y)
+    fast = ReferenceNeuralEstimator(steps=300, compute_dtype=torch.float32).fit(x, y)
+    assert fast.min_loss_ == pytest.approx(exact.min_loss_, abs=1e-4)
+    np.testing.assert_allclose(fast.residuals(x, y), exact.residuals(x, y), atol=1e-2)
+    assert fast.params_[0].dtype == torch.float64  # parameters stay float64
 
 
 def test_bad_settings():
@@ -155,3 +186,5 @@ def test_bad_settings():
         ReferenceNeuralEstimator(steps=0)
     with pytest.raises(ValueError, match="lr_min"):
         ReferenceNeuralEstimator(lr=1e-3, lr_min=1e-2)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        ReferenceNeuralEstimator(compute_dtype=torch.float16)

@@ -17,7 +17,8 @@ sizes — as one batch: parameters W1 (B, H, 1), b1 (B, H, 1), W2 (B, 2, H), b2 
 head (B, 2, 1) = (a, b); data X (B, 1, n), Y (B, n) padded to the largest n with point weights
 M (B, n) = 1/n_b on real points and 0 on padding. The loss is Σ_b mean_i nll_bi and Adam is
 elementwise, so each network follows exactly the path of its own one-network fit (tested). Networks
-run in chunks of ``chunk`` so that a chunk's tensors stay in cache for all steps.
+run in chunks of ``chunk`` so that a chunk's tensors stay in cache for all steps. What makes a step
+cheap (no hidden layer formed, a flat Adam, optional float32 work): docs/causal.md §3.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ import torch
 
 from marglik.applications.causal.estimators.base import LOG_2PI, ConditionalGaussian
 
-__all__ = ["ReferenceNeuralEstimator", "fit_reference_batch", "reference_nll_grads"]
+__all__ = [
+    "ReferenceNeuralEstimator",
+    "adam_step",
+    "fit_reference_batch",
+    "reference_nll_grads",
+]
 
 #: the authors' settings (``causa/loci.py``: ``het_fit_nn``; ``causa/ml.py``: ``map_optimization``)
 REFERENCE_NN = {"hidden": 100, "steps": 5000, "lr": 1e-2, "lr_min": 1e-6, "seed": 711}
@@ -45,6 +51,11 @@ class ReferenceNeuralEstimator(ConditionalGaussian):
         hidden, steps, lr, lr_min, seed: width, Adam steps, initial and final cosine learning
             rate, initialisation seed (defaults: the authors').
         chunk: networks per chunk in :func:`fit_reference_batch` (a speed setting only).
+        compute_dtype: dtype of the (networks × hidden × points) work of every step (the hidden
+            layer and its products, :func:`reference_nll_grads`); the loss, its gradients, the
+            parameters and Adam stay float64. float64 (default) is the authors' setting; float32
+            is faster and changes the fits by rounding (docs/causal.md §3 states the measured
+            effect on the decisions).
     """
 
     def __init__(
@@ -55,13 +66,16 @@ class ReferenceNeuralEstimator(ConditionalGaussian):
         lr_min: float = 1e-6,
         seed: int = 711,
         chunk: int = 4,
+        compute_dtype: torch.dtype = torch.float64,
     ):
         if steps < 1 or hidden < 1 or chunk < 1:
             raise ValueError(f"steps, hidden and chunk must be ≥ 1, got {steps}, {hidden}, {chunk}")
         if not 0 <= lr_min <= lr:
             raise ValueError(f"need 0 ≤ lr_min ≤ lr, got lr={lr}, lr_min={lr_min}")
         self.hidden, self.steps, self.lr, self.lr_min, self.seed = hidden, steps, lr, lr_min, seed
-        self.chunk = chunk
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be torch.float32 or float64, got {compute_dtype}")
+        self.chunk, self.compute_dtype = chunk, compute_dtype
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> ReferenceNeuralEstimator:
         """Fit to cause ``x`` (n,) and effect ``y`` (n,)."""
@@ -69,7 +83,7 @@ class ReferenceNeuralEstimator(ConditionalGaussian):
         return self
 
     def _key(self) -> tuple:
-        return (self.hidden, self.steps, self.lr, self.lr_min, self.seed)
+        return (self.hidden, self.steps, self.lr, self.lr_min, self.seed, self.compute_dtype)
 
     def outputs(self, x: np.ndarray) -> torch.Tensor:
         """(out1, out2) of the network at ``x`` (n,), as (n, 2) float64."""
@@ -112,21 +126,29 @@ def reference_nll_grads(
     """Weighted NLL per network Σ_i M_bi nll_bi, (B,), and the gradients of its sum.
 
     Shapes as in the module docstring; ``work``: two (B, H, n) buffers to reuse (fresh large
-    temporaries cost page faults at every step).
+    temporaries cost page faults at every step). The (B, H, n) work runs in the dtype of X (and
+    ``work``): float64, or float32 for speed (``compute_dtype``); the rest in the parameters' dtype.
 
     With u = b f2 (precision e^u, σ² = e^{−u}), μ = a f1 σ²:
     nll = ½ e^u (y − μ)² − ½ u + ½ log 2π; ∂nll/∂η = (μ − y, μ² + σ² − y²) and ∂η2/∂u = η2, so
     ∂/∂f1 = a (μ − y), ∂/∂u = −½ e^u (μ² + σ² − y²), ∂/∂f2 = b ∂/∂u, ∂a = Σ f1 (μ − y),
     ∂b = Σ f2 ∂/∂u; then back through f = W2 h + b2, h = tanh(W1 x + b1).
+
+    The hidden layer is never formed: with g = sigmoid(2(W1 x + b1)), tanh = 2g − 1 and
+    1 − tanh² = 4 g(1 − g), so f = 2W2 g + (b2 − W2 1), ∂W2 = 2 ∂f gᵀ − (Σ_i ∂f) 1ᵀ and, with
+    S = g − g² and R = [∂f ⊙ x; ∂f] (B, 4, n), ∂W1_j = 4 Σ_k W2_kj (R Sᵀ)_kj, ∂b1_j =
+    4 Σ_k W2_kj (R Sᵀ)_(k+2)j: three passes over (B, H, n) (sigmoid, S, and the products).
     """
     W1, b1, W2, b2, head = params
     a, b = head[:, 0], head[:, 1]  # (B, 1) each
+    dtype = X.dtype
     if work is None:
         work = (X.new_empty(W1.shape[:2] + X.shape[-1:]), X.new_empty(W1.shape[:2] + X.shape[-1:]))
-    h, S = work
-    torch.baddbmm(b1, W1, X, out=h).mul_(2).sigmoid_().mul_(2).sub_(1)  # tanh = 2σ(2z) − 1
-    f = torch.baddbmm(b2, W2, h)  # (B, 2, n)
-    f1, f2 = f[:, 0], f[:, 1]
+    g, S = work
+    torch.baddbmm((2 * b1).to(dtype), (2 * W1).to(dtype), X, out=g).sigmoid_()  # (B, H, n)
+    W2c = W2.to(dtype)
+    f = torch.baddbmm((b2 - W2.sum(-1, keepdim=True)).to(dtype), 2 * W2c, g).to(Y.dtype)
+    f1, f2 = f[:, 0], f[:, 1]  # (B, n)
     u = b * f2
     precision = torch.exp(u)
     var = torch.exp(-u)
@@ -138,15 +160,14 @@ def reference_nll_grads(
     d_u = (mu * mu + var - Y * Y) * precision * M * -0.5
     df = torch.stack([a * d_eta1, b * d_u], dim=1)  # (B, 2, n)
     d_head = torch.stack([(f1 * d_eta1).sum(-1, keepdim=True), (f2 * d_u).sum(-1, keepdim=True)], 1)
-    dW2 = torch.bmm(df, h.transpose(1, 2))  # (B, 2, H)
-    db2 = df.sum(-1, keepdim=True)
-    # ∂z = (W2ᵀ ∂f) ⊙ (1 − h²) is never formed: with S = 1 − h², ∂W1_j = Σ_k W2_kj (S (∂f_k ⊙ x))_j
-    # and ∂b1_j = Σ_k W2_kj (S ∂f_k)_j, four matrix-vector products in one bmm
-    torch.mul(h, h, out=S).neg_().add_(1)  # (B, H, n)
-    R = torch.cat([df * X, df], dim=1)  # (B, 4, n)
-    G = torch.bmm(R, S.transpose(1, 2))  # (B, 4, H)
-    dW1 = (W2 * G[:, :2]).sum(1).unsqueeze(-1)  # (B, H, 1)
-    db1 = (W2 * G[:, 2:]).sum(1).unsqueeze(-1)
+    db2 = df.sum(-1, keepdim=True)  # (B, 2, 1)
+    dfc = df.to(dtype)
+    dW2 = 2 * torch.bmm(dfc, g.transpose(1, 2)).to(W2.dtype) - db2  # (B, 2, H)
+    torch.addcmul(g, g, g, value=-1, out=S)  # g − g² = ¼ (1 − tanh²)
+    R = torch.cat([dfc * X, dfc], dim=1)  # (B, 4, n)
+    G = torch.bmm(R, S.transpose(1, 2)).to(W2.dtype)  # (B, 4, H)
+    dW1 = 4 * (W2 * G[:, :2]).sum(1).unsqueeze(-1)  # (B, H, 1)
+    db1 = 4 * (W2 * G[:, 2:]).sum(1).unsqueeze(-1)
     return nll, [dW1, db1, dW2, db2, d_head]
 
 
@@ -172,8 +193,13 @@ def fit_reference_batch(
 
 
 def _train_chunk(init, data, settings: ReferenceNeuralEstimator):
-    """Adam with the cosine schedule on len(data) networks from ``init``; (params, min loss)."""
+    """Adam with the cosine schedule on len(data) networks from ``init``; (params, min loss).
+
+    All parameters (and Adam's moments) live in one flat float64 vector of which ``params`` are
+    views, so that an Adam step is a handful of vector operations (:func:`adam_step`).
+    """
     B, n = len(data), max(len(x) for x, _ in data)
+    dtype = settings.compute_dtype
     X = torch.zeros(B, 1, n, dtype=torch.float64)
     Y = torch.zeros(B, n, dtype=torch.float64)
     M = torch.zeros(B, n, dtype=torch.float64)
@@ -181,20 +207,56 @@ def _train_chunk(init, data, settings: ReferenceNeuralEstimator):
         X[b, 0, : len(x)] = torch.as_tensor(np.asarray(x, dtype=np.float64))
         Y[b, : len(y)] = torch.as_tensor(np.asarray(y, dtype=np.float64))
         M[b, : len(x)] = 1.0 / len(x)
-    params = [p.unsqueeze(0).repeat(B, *([1] * p.dim())) for p in init]
-    optimiser = torch.optim.Adam(params, lr=settings.lr)
+    X = X.to(dtype)
+    flat = torch.cat([p.unsqueeze(0).expand(B, *p.shape).reshape(-1) for p in init])
+    params = _views(flat, [(B, *p.shape) for p in init])
+    grad = torch.empty_like(flat)
+    grads = _views(grad, [p.shape for p in params])
+    moments = (torch.zeros_like(flat), torch.zeros_like(flat))
     min_loss = torch.full((B,), math.inf, dtype=torch.float64)
     work = (X.new_empty(B, settings.hidden, n), X.new_empty(B, settings.hidden, n))
     with torch.no_grad():
         for step in range(settings.steps):
-            loss, grads = reference_nll_grads(params, X, Y, M, work)
+            loss, new = reference_nll_grads(params, X, Y, M, work)
             torch.minimum(min_loss, torch.nan_to_num(loss, nan=math.inf), out=min_loss)
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-            for group in optimiser.param_groups:
-                group["lr"] = cosine_lr(step, settings.steps, settings.lr, settings.lr_min)
-            optimiser.step()
+            for g, value in zip(grads, new, strict=True):
+                g.copy_(value)
+            lr = cosine_lr(step, settings.steps, settings.lr, settings.lr_min)
+            adam_step(flat, grad, moments, step + 1, lr)
     return params, min_loss
+
+
+def _views(flat: torch.Tensor, shapes: list) -> list[torch.Tensor]:
+    """Consecutive views of ``flat`` with the given shapes."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[offset : offset + size].view(shape))
+        offset += size
+    return views
+
+
+def adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    moments: tuple[torch.Tensor, torch.Tensor],
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """One Adam step (Kingma & Ba, 2015) in place on ``param`` (any shape), step t ≥ 1.
+
+    m ← m + (1 − β1)(g − m), v ← β2 v + (1 − β2) g², θ ← θ − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε):
+    the operations of ``torch.optim.Adam``'s single-tensor path (its default on CPU) in the same
+    order, so the numbers are the same, without its per-call overhead.
+    """
+    m, v = moments
+    m.lerp_(grad, 1 - betas[0])
+    v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    step_size = lr / (1 - betas[0] ** step)
+    denom = (v.sqrt() / (1 - betas[1] ** step) ** 0.5).add_(eps)
+    param.addcdiv_(m, denom, value=-step_size)
 
 
 def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
