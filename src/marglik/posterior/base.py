@@ -34,7 +34,7 @@ from marglik.curvature.engine import eval_mode
 from marglik.evidence.optimize import optimize_hyperparameters
 from marglik.likelihoods import Gaussian, Likelihood, get_likelihood
 from marglik.likelihoods.gaussian import check_sigma
-from marglik.posterior.prior import Prior
+from marglik.posterior.prior import Prior, as_model_dtype
 from marglik.posterior.tangent import optimize_tangent_evidence
 from marglik.predictive import predict
 from marglik.predictive.validation import gridsearch_prior_precision
@@ -73,7 +73,7 @@ class Posterior(ABC):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.likelihood = get_likelihood(likelihood, self._number_as_tensor(sigma_noise))
+        self.likelihood = get_likelihood(likelihood, as_model_dtype(sigma_noise, model))
         sigma_given = not (isinstance(sigma_noise, (int, float)) and sigma_noise == 1.0)
         if sigma_given and not isinstance(self.likelihood, Gaussian):
             raise ValueError(f"sigma_noise only applies to regression, not {self.likelihood.task}")
@@ -154,19 +154,14 @@ class Posterior(ABC):
                 f"the {type(self).__name__} posterior is not fitted: call fit(train_loader) first"
             )
 
-    def _number_as_tensor(self, value: Any) -> Any:
-        """Python numbers (or a list / array of them) as a tensor of the model's floating dtype
-        (tensors and anything else unchanged, for the checks to judge), so that a float64 model
-        keeps σ = 0.7 or δ = 0.3 to rounding whatever torch's default dtype is
-        (``torch.as_tensor(0.3)`` would round it to float32)."""
-        if torch.is_tensor(value) or isinstance(value, (bool, str)) or value is None:
-            return value
-        param = next(self.model.parameters(), None)
-        dtype = param.dtype if param is not None and param.is_floating_point() else None
-        try:
-            return torch.as_tensor(value, dtype=dtype)
-        except (TypeError, ValueError, RuntimeError):
-            return value
+    def _keep(self, prior_precision: Any, sigma_noise: Any) -> None:
+        """Keep hyperparameters just evaluated by ``log_marginal_likelihood``, detached copies."""
+        if prior_precision is not None:
+            self.prior_precision = (prior_precision.detach().clone()
+                                    if torch.is_tensor(prior_precision) else prior_precision)
+        if sigma_noise is not None:
+            self.sigma_noise = (sigma_noise.detach().clone()
+                                if torch.is_tensor(sigma_noise) else sigma_noise)
 
     @property
     def prior_precision(self) -> Tensor:
@@ -175,7 +170,7 @@ class Posterior(ABC):
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
-        self.prior.precision = self._number_as_tensor(value)
+        self.prior.precision = as_model_dtype(value, self.model)
 
     @property
     def prior_mean(self) -> Tensor:
@@ -190,7 +185,7 @@ class Posterior(ABC):
     def sigma_noise(self, value: float | Tensor) -> None:
         if not isinstance(self.likelihood, Gaussian):
             raise ValueError(f"sigma_noise only applies to regression, not {self.likelihood.task}")
-        self.likelihood.sigma = check_sigma(self._number_as_tensor(value))
+        self.likelihood.sigma = check_sigma(as_model_dtype(value, self.model))
 
     def optimize_prior_precision(
         self,

@@ -39,7 +39,7 @@ from marglik.posterior.kernel_data import (
     data_pass,
     parameter_groups,
 )
-from marglik.posterior.prior import Prior, check_precision
+from marglik.posterior.prior import Prior, as_model_dtype, check_precision
 from marglik.posterior.samples import sample_outputs
 from marglik.structures.base import sym_eigvalsh
 
@@ -123,7 +123,7 @@ class FunctionalLaplace(Posterior):
         self.subset_of_weights = subset_of_weights
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else None
-        self.prior = Prior(self._number_as_tensor(prior_precision),
+        self.prior = Prior(as_model_dtype(prior_precision, model),
                            torch.as_tensor(prior_mean, dtype=dtype), prior_groups)
         self.subset: ParameterSubset | None = None
         self.last_layer_name = last_layer_name
@@ -351,12 +351,7 @@ class FunctionalLaplace(Posterior):
             self.prior.scatter(self.mean, self._delta(prior_precision)),
             self.log_det_ratio(prior_precision, sigma_noise),
         )
-        if prior_precision is not None:
-            self.prior_precision = (prior_precision.detach().clone()
-                                    if torch.is_tensor(prior_precision) else prior_precision)
-        if sigma_noise is not None:
-            self.sigma_noise = (sigma_noise.detach().clone()
-                                if torch.is_tensor(sigma_noise) else sigma_noise)
+        self._keep(prior_precision, sigma_noise)
         return value
 
     # ---- predictions --------------------------------------------------------------------------

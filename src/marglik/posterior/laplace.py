@@ -27,7 +27,7 @@ from marglik.likelihoods import Likelihood
 from marglik.likelihoods.gaussian import check_sigma
 from marglik.posterior.base import Posterior
 from marglik.posterior.glm import glm_moment_chunks, glm_moments
-from marglik.posterior.prior import Prior, check_precision
+from marglik.posterior.prior import Prior, as_model_dtype, check_precision
 from marglik.posterior.samples import sample_outputs
 from marglik.posterior.state import laplace_state, load_laplace_state
 from marglik.posterior.tangent_model import tangent_outputs
@@ -113,7 +113,7 @@ class Laplace(Posterior):
         self.rank, self.mc_samples, self.seed = rank, mc_samples, seed
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.prior = Prior(
-            self._number_as_tensor(prior_precision),
+            as_model_dtype(prior_precision, model),
             torch.as_tensor(prior_mean, dtype=self._param_dtype), prior_groups,
         )
         self.subset: ParameterSubset | None = None
@@ -325,12 +325,7 @@ class Laplace(Posterior):
             self.scatter(prior_precision),
             self.log_det_ratio(prior_precision, sigma_noise),
         )
-        if prior_precision is not None:
-            self.prior_precision = (prior_precision.detach().clone()
-                                    if torch.is_tensor(prior_precision) else prior_precision)
-        if sigma_noise is not None:
-            self.sigma_noise = (sigma_noise.detach().clone()
-                                if torch.is_tensor(sigma_noise) else sigma_noise)
+        self._keep(prior_precision, sigma_noise)
         return value
 
     # ---- the Gaussian posterior ---------------------------------------------------------------

@@ -23,11 +23,12 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["PRIOR_STRUCTURES", "Prior", "check_precision"]
+__all__ = ["PRIOR_STRUCTURES", "Prior", "as_model_dtype", "check_precision"]
 
 #: Names of the three shapes, as used by ``optimize_prior_precision(prior_structure=...)``.
 PRIOR_STRUCTURES = ("scalar", "layerwise", "diagonal")
@@ -65,6 +66,21 @@ def check_precision(value: float | Tensor, allow_zero: bool = False) -> Tensor:
         raise ValueError(f"prior_precision must be {kind} and finite")
     _last_valid = (weakref.ref(value), value._version, allow_zero)
     return value
+
+
+def as_model_dtype(value: Any, model: nn.Module) -> Any:
+    """Python numbers (or a list / array of them) as a tensor of the model's floating dtype
+    (tensors and anything else unchanged, for the checks to judge), so that a float64 model
+    keeps σ = 0.7 or δ = 0.3 to rounding whatever torch's default dtype is
+    (``torch.as_tensor(0.3)`` would round it to float32)."""
+    if torch.is_tensor(value) or isinstance(value, (bool, str)) or value is None:
+        return value
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    try:
+        return torch.as_tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError):
+        return value
 
 
 class Prior:
