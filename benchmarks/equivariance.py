@@ -47,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -183,7 +184,8 @@ def fc_output_share(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 
 def report(path: str, plot: str | None) -> None:
-    """Markdown table (mean over seeds) and the δ_fc / δ_conv plot of the ``se`` runs."""
+    """Markdown table (mean over seeds, ± s.e. of the accuracy) and the δ_fc / δ_conv plot of
+    the ``se`` runs."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
     keys = sorted({(r["task"], r["net"]) for r in rows}, key=lambda k: (k[0], k[1]))
     print("| task | net | params | seeds | test acc | test NLL | log evidence | s per run | "
@@ -194,6 +196,11 @@ def report(path: str, plot: str | None) -> None:
 
         def mean(k, rs=rs):
             return sum(r[k] for r in rs) / len(rs)
+
+        def acc_se(rs=rs) -> str:  # standard error over seeds: sample std / √seeds
+            if len(rs) < 2:
+                return ""
+            return f" ± {statistics.stdev(r['test_acc'] for r in rs) / math.sqrt(len(rs)):.4f}"
         ratios = ""
         if net == "se":
             names = list(rs[0]["paths"])
@@ -203,7 +210,8 @@ def report(path: str, plot: str | None) -> None:
                      for n in names]
             ratios = (" · ".join(f"{v:.3g}" for v in ratio) + " (FC output share "
                       + " · ".join(f"{v:.2g}" for v in share) + ")")
-        print(f"| {task} | {net} | {rs[0]['params']:,} | {len(rs)} | {mean('test_acc'):.4f} | "
+        print(f"| {task} | {net} | {rs[0]['params']:,} | {len(rs)} | "
+              f"{mean('test_acc'):.4f}{acc_se()} | "
               f"{mean('test_nll'):.3f} | {mean('log_marglik'):.0f} | {mean('seconds'):.0f} | "
               f"{ratios} |")
     se = [r for r in rows if r["net"] == "se"]
