@@ -197,7 +197,8 @@ def run_uci(args) -> None:
             ys, n, d = float(s.y_std), len(X), X.shape[1]
             sched = schedule(n, args.steps, args.batch_size, args.min_epochs, args.updates)
             base = dict(exp="uci", set=name, split=split, n_train=n, **sched, dtype=args.dtype,
-                        hidden=args.hidden, activation=args.activation)
+                        hidden=args.hidden, activation=args.activation,
+                        lr_schedule=args.lr_schedule)
 
             def report(method, mean, var, seconds, base=base, yt=yt, ys=ys, **extra):
                 emit(dict(base, method=method, rmse=float(np.sqrt(np.mean((mean - yt) ** 2))) * ys,
@@ -206,7 +207,7 @@ def run_uci(args) -> None:
 
             if "lanam" in args.methods or "lanam_int" in args.methods:
                 fit = fit_additive(X, y, hidden=tuple(args.hidden), activation=args.activation,
-                                   seed=split, **sched)
+                                   lr_schedule=args.lr_schedule, seed=split, **sched)
                 with torch.no_grad():
                     train_rmse = float((fit.model(X) - y).square().mean().sqrt())
                 report("lanam", *_la_predict(fit.la, Xt), fit.seconds,
@@ -368,6 +369,8 @@ def main() -> None:
                    default=["lanam", "lanam_int", "nam", "mlp", "hgb", "gam"])
     p.add_argument("--hidden", type=int, nargs="+", default=[64])
     p.add_argument("--activation", default="relu")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="θ's learning-rate schedule of the lanam runs (uci)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="dtype of the network runs (uci)")
     p.add_argument("--steps", type=int, default=2000)
