@@ -1,7 +1,7 @@
 """LA-NAM experiments (issue #15): synthetic feature selection, UCI regression, breast cancer.
 
-Prints one JSON line per run (and appends it to ``--out``). Single torch thread, float32, fixed
-seeds. Three experiments:
+Prints one JSON line per run (and appends it to ``--out``). Single torch thread, float32
+(``--dtype float64`` for uci's network runs), fixed seeds. Three experiments:
 
 ``synthetic``  X ~ U[-1, 1]^10, y = Σ_{d<5} f_d(x_d) + 0.3 ε with f = (sin πx, x², x/2, eˣ,
     tanh 3x) and 5 pure-noise features; N ∈ ``--n``, seeds ``--seeds``; LA-NAM (stage 1). Reports
@@ -49,6 +49,7 @@ import time
 
 import numpy as np
 import torch
+from provenance import commit  # benchmarks/provenance.py
 
 from marglik.applications.additive import (
     AdditiveNet,
@@ -60,11 +61,13 @@ from marglik.applications.additive import (
 
 TRUTH = [lambda x: np.sin(np.pi * x), lambda x: x**2, lambda x: 0.5 * x, np.exp,
          lambda x: np.tanh(3 * x)]
+COMMIT = commit()
 UCI_SETS = ["concrete", "energy", "kin8nm", "power-plant", "wine-quality-red", "yacht"]
 
 
 def emit(row: dict, out: str | None) -> None:
     row["load1"] = round(os.getloadavg()[0], 2)
+    row["commit"] = COMMIT
     line = json.dumps(row)
     print(line, flush=True)
     if out:
@@ -188,11 +191,14 @@ def run_uci(args) -> None:
     for name in args.sets:
         for split in args.splits:
             s = load_uci(name, split)
-            X, y, Xt = s.X_train, s.y_train, s.X_test
+            dtype = getattr(torch, args.dtype)
+            X, y, Xt = s.X_train.to(dtype), s.y_train.to(dtype), s.X_test.to(dtype)
             yt = s.y_test[:, 0].numpy()
             ys, n, d = float(s.y_std), len(X), X.shape[1]
             sched = schedule(n, args.steps, args.batch_size, args.min_epochs, args.updates)
-            base = dict(exp="uci", set=name, split=split, n_train=n, **sched)
+            base = dict(exp="uci", set=name, split=split, n_train=n, **sched, dtype=args.dtype,
+                        hidden=args.hidden, activation=args.activation,
+                        lr_schedule=args.lr_schedule)
 
             def report(method, mean, var, seconds, base=base, yt=yt, ys=ys, **extra):
                 emit(dict(base, method=method, rmse=float(np.sqrt(np.mean((mean - yt) ** 2))) * ys,
@@ -201,10 +207,14 @@ def run_uci(args) -> None:
 
             if "lanam" in args.methods or "lanam_int" in args.methods:
                 fit = fit_additive(X, y, hidden=tuple(args.hidden), activation=args.activation,
-                                   seed=split, **sched)
+                                   lr_schedule=args.lr_schedule, seed=split, **sched)
+                with torch.no_grad():
+                    train_rmse = float((fit.model(X) - y).square().mean().sqrt())
                 report("lanam", *_la_predict(fit.la, Xt), fit.seconds,
                        precisions=fit.feature_precisions.round(decimals=3).tolist(),
-                       sigma=float(fit.la.sigma_noise))
+                       sigma=float(fit.la.sigma_noise), train_rmse=train_rmse,
+                       log_marglik=max(v for v in fit.history["log_marglik"]
+                                       if not math.isnan(v)))
                 if "lanam_int" in args.methods:
                     k = min(5, d * (d - 1) // 2)
                     fit2 = fit_interactions(fit, X, y, k, seed=split)
@@ -221,7 +231,7 @@ def run_uci(args) -> None:
                 t = time.perf_counter()
                 la = _mlp(X, y, sched, split)
                 report("mlp", *_la_predict(la, Xt), time.perf_counter() - t)
-            Xn, yn, Xtn = X.numpy(), y[:, 0].numpy(), Xt.numpy()
+            Xn, yn, Xtn = s.X_train.numpy(), s.y_train[:, 0].numpy(), s.X_test.numpy()
             if "laplace_regressor" in args.methods:
                 from marglik import LaplaceRegressor
 
@@ -359,6 +369,10 @@ def main() -> None:
                    default=["lanam", "lanam_int", "nam", "mlp", "hgb", "gam"])
     p.add_argument("--hidden", type=int, nargs="+", default=[64])
     p.add_argument("--activation", default="relu")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="θ's learning-rate schedule of the lanam runs (uci)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="dtype of the network runs (uci)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--min-epochs", type=int, default=50)

@@ -3,6 +3,7 @@ brute force (dense torch.func Jacobians, explicit inverses, float64)."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 
@@ -284,6 +285,31 @@ def test_evidence_switches_off_noise_features():
     assert 0.05 < float(fit.la.sigma_noise) < 0.2
 
 
+# ----------------------------------------------------------------------- learning-rate schedule
+def test_cosine_schedule_follows_the_closed_form(monkeypatch):
+    """θ's learning rate after step t of T = n_epochs · ⌈N / batch⌉ is lr (1 + cos(πt/T)) / 2."""
+    fit_module = importlib.import_module("marglik.applications.additive.fit")
+
+    seen: list[float] = []
+
+    class Spy(torch.optim.lr_scheduler.CosineAnnealingLR):
+        def step(self, *args, **kwargs):
+            super().step(*args, **kwargs)
+            seen.append(self.optimizer.param_groups[0]["lr"])
+
+    factory = fit_module.LR_SCHEDULES["cosine"]
+    monkeypatch.setitem(fit_module.LR_SCHEDULES, "cosine",
+                        lambda n: (Spy, factory(n)[1]))
+    X = torch.randn(25, 2, dtype=torch.float64)
+    fit_additive(X, X[:, 0], hidden=(3,), n_epochs=4, batch_size=10, lr=0.3,
+                 lr_schedule="cosine", n_epochs_burnin=2, marglik_frequency=2, n_hypersteps=2)
+    T = 4 * 3
+    # the scheduler's constructor makes step 0 (lr itself), then one step after every batch
+    expected = [0.3 * (1 + math.cos(math.pi * t / T)) / 2 for t in range(T + 1)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+    assert fit_module.LR_SCHEDULES["constant"] is None
+
+
 # ------------------------------------------------------------------------------- bad input
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"AdditiveNet expects inputs \(N, 3\)"):
@@ -305,5 +331,7 @@ def test_bad_input_is_named():
         fit_additive(X, torch.randn(10), hessian_structure="lowrank", n_epochs=1)
     with pytest.raises(ValueError, match="likelihood must be one of"):
         fit_additive(X, torch.randn(10), "poisson", n_epochs=1)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        fit_additive(X, torch.randn(10), lr_schedule="linear", n_epochs=1)
     with pytest.raises(ValueError, match="X has 10 rows but y has 9"):
         fit_additive(X, torch.randn(9), n_epochs=1)

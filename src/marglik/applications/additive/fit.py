@@ -32,11 +32,24 @@ from marglik.likelihoods.heteroscedastic import NaturalGaussian
 from marglik.posterior import Laplace
 from marglik.training import marglik_training
 
-__all__ = ["HESSIAN_STRUCTURES", "LIKELIHOODS", "AdditiveFit", "fit_additive", "fit_interactions",
-           "make_likelihood"]
+__all__ = ["HESSIAN_STRUCTURES", "LIKELIHOODS", "LR_SCHEDULES", "AdditiveFit", "fit_additive",
+           "fit_interactions", "make_likelihood"]
 
 #: Curvature structures of the additive model (see :mod:`~marglik.applications.additive.blocks`).
 HESSIAN_STRUCTURES = ("kron", "full", "diag")
+
+
+
+def _cosine(n_steps: int) -> tuple[type, dict[str, Any]]:
+    """lr_t = lr (1 + cos(π t / T)) / 2 over the T = ``n_steps`` Adam steps of θ (to 0 at the
+    end; Loshchilov & Hutter, ICLR 2017, without restarts)."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR, {"T_max": n_steps}
+
+
+#: θ's learning-rate schedules, by name: a factory ``(total Adam steps) -> (scheduler class,
+#: its keyword arguments)`` stepped after every batch, or None for a constant rate.
+LR_SCHEDULES: dict[str, Callable[[int], tuple[type, dict[str, Any]]] | None] = {
+    "constant": None, "cosine": _cosine}
 
 #: Likelihood names and the number of outputs C of each.
 LIKELIHOODS = {"regression": 1, "heteroscedastic": 2, "binary": 1}
@@ -103,6 +116,9 @@ def _train(model: AdditiveNet, X: Tensor, y: Tensor, likelihood: str, options: d
     batch = options["batch_size"] or len(X)
     loader = torch.utils.data.DataLoader(data, batch_size=min(batch, len(X)), shuffle=True,
                                          generator=gen)
+    schedule = LR_SCHEDULES[options.get("lr_schedule", "constant")]
+    scheduler_cls, scheduler_kwargs = (None, None) if schedule is None else schedule(
+        options["n_epochs"] * len(loader))
     with torch.random.fork_rng(), warnings.catch_warnings():
         # under "kron" the output bias b (C,) gets a diagonal block: expected, not a problem
         warnings.filterwarnings("ignore", "KFAC cannot express")
@@ -114,6 +130,7 @@ def _train(model: AdditiveNet, X: Tensor, y: Tensor, likelihood: str, options: d
             n_epochs_burnin=options["n_epochs_burnin"],
             marglik_frequency=options["marglik_frequency"],
             n_hypersteps=options["n_hypersteps"], prior_prec_init=options["prior_prec_init"],
+            scheduler_cls=scheduler_cls, scheduler_kwargs=scheduler_kwargs,
             laplace_kwargs={"prior_groups": model.prior_groups()},
             callback=None if callback is None else (lambda e, m, la, h: callback(e, h)),
             progress=progress,
@@ -129,6 +146,7 @@ def fit_additive(
     activation: str = "relu",
     n_epochs: int = 300,
     lr: float = 1e-2,
+    lr_schedule: str = "constant",
     batch_size: int | None = 512,
     hessian_structure: str = "kron",
     n_epochs_burnin: int = 20,
@@ -154,6 +172,9 @@ def fit_additive(
             Agarwal et al.'s NAM; ReLU fitted the sharp shapes of the UCI sets better than GELU in
             the diagnosis of ``benchmarks/RESULTS-additive.md``).
         n_epochs, lr, batch_size: Adam on θ (``batch_size=None``: full batch).
+        lr_schedule: θ's learning rate over training, a name in :data:`LR_SCHEDULES`:
+            ``"constant"`` or ``"cosine"`` (decays lr to 0 over the n_epochs · ⌈N/batch⌉
+            steps).
         hessian_structure: ``"kron"`` (default: a Kronecker-factored block per subnetwork and
             layer, as the paper), ``"full"`` (exact GGN, small models only) or ``"diag"``
             (exact GGN diagonal: over-regularises, see
@@ -174,7 +195,11 @@ def fit_additive(
     if hessian_structure not in HESSIAN_STRUCTURES:
         raise ValueError(f"hessian_structure must be one of {HESSIAN_STRUCTURES}, got "
                          f"{hessian_structure!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {sorted(LR_SCHEDULES)}, got "
+                         f"{lr_schedule!r}")
     options = dict(hidden=tuple(hidden), activation=activation, n_epochs=n_epochs, lr=lr,
+                   lr_schedule=lr_schedule,
                    batch_size=batch_size, hessian_structure=hessian_structure,
                    n_epochs_burnin=n_epochs_burnin, marglik_frequency=marglik_frequency,
                    n_hypersteps=n_hypersteps, lr_hyp=lr_hyp, prior_prec_init=prior_prec_init)
