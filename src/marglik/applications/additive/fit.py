@@ -39,7 +39,6 @@ __all__ = ["HESSIAN_STRUCTURES", "LIKELIHOODS", "LR_SCHEDULES", "AdditiveFit", "
 HESSIAN_STRUCTURES = ("kron", "full", "diag")
 
 
-
 def _cosine(n_steps: int) -> tuple[type, dict[str, Any]]:
     """lr_t = lr (1 + cos(π t / T)) / 2 over the T = ``n_steps`` Adam steps of θ (to 0 at the
     end; Loshchilov & Hutter, ICLR 2017, without restarts)."""
