@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 
 def lsnm_pair(n: int = 500, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -18,11 +17,3 @@ def lsnm_pair(n: int = 500, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def pair():
     return lsnm_pair()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_module():
-    """tests/conftest.py sets one torch thread per test; module fixtures (fits) need it too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
