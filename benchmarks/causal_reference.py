@@ -36,20 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from causal import DATASETS, load  # benchmarks/causal.py: the sets and their loading
 
-from marglik.applications.causal.data import load_benchmark, load_tuebingen
 from marglik.applications.causal.loci import loci, loci_many
 from marglik.applications.causal.metrics import accuracy, audrc
 
-DATA = Path(os.environ.get("MARGLIK_CAUSE_EFFECT", "/work/shared/data/cause-effect"))
-FOLDERS = {
-    "AN": "ANLSMN_pairs/AN",
-    "LS": "ANLSMN_pairs/LS",
-    "MN-U": "ANLSMN_pairs/MN-U",
-    "SIM": "Benchmark_simulated/SIM",
-    "SIM-c": "Benchmark_simulated/SIM-c",
-}
-DATASETS = [*FOLDERS, "Tuebingen"]
 #: configuration -> (estimator, reference mode)
 CONFIGS = {  # in the order they run
     "ref-spline": ("spline", True),
@@ -63,14 +54,6 @@ RULES = ("loci-m", "loci-h", "loci-e")
 #: best published baseline accuracy (%) per set, methods.md §8 (the authors' result files)
 BEST_BASELINE = {"AN": 100, "LS": 100, "MN-U": 99, "SIM": 78, "SIM-c": 82, "Tuebingen": 82}
 # (from the authors' baseline_results/*.tab, RESIT_std·GroundTruth > 0 gives SIM 77 for RESIT)
-
-
-def load(name: str, subset: int | None):
-    if name == "Tuebingen":
-        pairs = load_tuebingen(DATA / "tuebingen_cdt_weights.tsv", loci_eval_only=True)
-    else:
-        pairs = load_benchmark(DATA / FOLDERS[name])
-    return pairs[:subset] if subset else pairs
 
 
 def run_config(pairs, config: str, args) -> list:
