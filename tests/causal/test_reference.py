@@ -9,7 +9,6 @@ import torch
 from marglik.applications.causal.estimators import standardise
 from marglik.applications.causal.estimators.reference import (
     ReferenceNeuralEstimator,
-    adam_step,
     cosine_lr,
     fit_reference_batch,
     reference_init,
@@ -154,21 +153,6 @@ def test_batched_fit_equals_one_pair_fits(chunk, dtype):
         alone = ReferenceNeuralEstimator(steps=100, compute_dtype=dtype).fit(x, y)
         assert est.min_loss_ == pytest.approx(alone.min_loss_, rel=rel)
         np.testing.assert_allclose(est.log_lik(x, y), alone.log_lik(x, y), rtol=100 * rel)
-
-
-def test_adam_step_is_torchs_adam():
-    torch.manual_seed(0)
-    theta = torch.randn(30, dtype=torch.float64)
-    ours = theta.clone()
-    moments = (torch.zeros(30, dtype=torch.float64), torch.zeros(30, dtype=torch.float64))
-    theirs = theta.clone().requires_grad_(True)
-    opt = torch.optim.Adam([theirs], lr=0.05)
-    for step in range(1, 40):
-        grad = torch.sin(3 * ours) + ours**2  # any gradient field, the same one for both
-        adam_step(ours, grad, moments, step, lr=0.05)
-        theirs.grad = torch.sin(3 * theirs.detach()) + theirs.detach() ** 2
-        opt.step()
-        torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=0)
 
 
 def test_float32_work_stays_close_to_float64():

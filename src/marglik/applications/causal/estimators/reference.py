@@ -30,12 +30,7 @@ import torch
 
 from marglik.applications.causal.estimators.base import LOG_2PI, ConditionalGaussian
 
-__all__ = [
-    "ReferenceNeuralEstimator",
-    "adam_step",
-    "fit_reference_batch",
-    "reference_nll_grads",
-]
+__all__ = ["ReferenceNeuralEstimator", "fit_reference_batch", "reference_nll_grads"]
 
 #: the authors' settings (``causa/loci.py``: ``het_fit_nn``; ``causa/ml.py``: ``map_optimization``)
 REFERENCE_NN = {"hidden": 100, "steps": 5000, "lr": 1e-2, "lr_min": 1e-6, "seed": 711}
@@ -195,8 +190,8 @@ def fit_reference_batch(
 def _train_chunk(init, data, settings: ReferenceNeuralEstimator):
     """Adam with the cosine schedule on len(data) networks from ``init``; (params, min loss).
 
-    All parameters (and Adam's moments) live in one flat float64 vector of which ``params`` are
-    views, so that an Adam step is a handful of vector operations (:func:`adam_step`).
+    All parameters live in one flat float64 vector of which ``params`` are views, so that
+    ``torch.optim.Adam`` steps one tensor (its per-tensor overhead once, not five times).
     """
     B, n = len(data), max(len(x) for x, _ in data)
     dtype = settings.compute_dtype
@@ -210,9 +205,9 @@ def _train_chunk(init, data, settings: ReferenceNeuralEstimator):
     X = X.to(dtype)
     flat = torch.cat([p.unsqueeze(0).expand(B, *p.shape).reshape(-1) for p in init])
     params = _views(flat, [(B, *p.shape) for p in init])
-    grad = torch.empty_like(flat)
-    grads = _views(grad, [p.shape for p in params])
-    moments = (torch.zeros_like(flat), torch.zeros_like(flat))
+    flat.grad = torch.empty_like(flat)
+    grads = _views(flat.grad, [p.shape for p in params])
+    optimiser = torch.optim.Adam([flat], lr=settings.lr)
     min_loss = torch.full((B,), math.inf, dtype=torch.float64)
     work = (X.new_empty(B, settings.hidden, n), X.new_empty(B, settings.hidden, n))
     with torch.no_grad():
@@ -221,8 +216,9 @@ def _train_chunk(init, data, settings: ReferenceNeuralEstimator):
             torch.minimum(min_loss, torch.nan_to_num(loss, nan=math.inf), out=min_loss)
             for g, value in zip(grads, new, strict=True):
                 g.copy_(value)
-            lr = cosine_lr(step, settings.steps, settings.lr, settings.lr_min)
-            adam_step(flat, grad, moments, step + 1, lr)
+            for group in optimiser.param_groups:
+                group["lr"] = cosine_lr(step, settings.steps, settings.lr, settings.lr_min)
+            optimiser.step()
     return params, min_loss
 
 
@@ -234,29 +230,6 @@ def _views(flat: torch.Tensor, shapes: list) -> list[torch.Tensor]:
         views.append(flat[offset : offset + size].view(shape))
         offset += size
     return views
-
-
-def adam_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    moments: tuple[torch.Tensor, torch.Tensor],
-    step: int,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-) -> None:
-    """One Adam step (Kingma & Ba, 2015) in place on ``param`` (any shape), step t ≥ 1.
-
-    m ← m + (1 − β1)(g − m), v ← β2 v + (1 − β2) g², θ ← θ − lr/(1 − β1ᵗ) · m / (√v/√(1 − β2ᵗ) + ε):
-    the operations of ``torch.optim.Adam``'s single-tensor path (its default on CPU) in the same
-    order, so the numbers are the same, without its per-call overhead.
-    """
-    m, v = moments
-    m.lerp_(grad, 1 - betas[0])
-    v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-    step_size = lr / (1 - betas[0] ** step)
-    denom = (v.sqrt() / (1 - betas[1] ** step) ** 0.5).add_(eps)
-    param.addcdiv_(m, denom, value=-step_size)
 
 
 def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
