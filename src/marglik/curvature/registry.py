@@ -19,8 +19,8 @@ curvature engine and the layer-wise predictive need is generic in (a, b)
 
 So a module type only has to say how to form a (N, R, D_in) from its forward arguments and how
 to lay out gradients w.r.t. its output as (K, N, R, D_out). ``nn.Linear`` (any leading dims:
-the middle ones are positions) and ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and zero
-padding (unfolded patches) and :class:`marglik.layers.GroupedLinear` (G maps as one map at G
+the middle ones are positions) and ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and any
+``padding_mode`` (unfolded patches of the input padded as the module pads it) and :class:`marglik.layers.GroupedLinear` (G maps as one map at G
 positions with block-sparse inputs) are registered here, and ``nn.MultiheadAttention`` as a
 :class:`CompositeType` (below); other types register with :func:`register_layer` without
 touching the engine::
@@ -218,7 +218,18 @@ def _linear_output_grads(module: nn.Module, g: Tensor) -> Tensor:
 
 
 def _conv_applies(module: nn.Module) -> bool:
-    return module.groups == 1 and module.padding_mode == "zeros"
+    return module.groups == 1
+
+
+def _padded(module: nn.Module, x: Tensor, geometry: tuple) -> tuple[Tensor, tuple]:
+    """x and the geometry the patches take: for ``padding_mode`` "circular", "reflect" or
+    "replicate" the input padded as the module pads it (``F.pad``, as ``nn.Conv2d.forward``
+    does) and no further (zero) padding; "zeros" unchanged."""
+    if module.padding_mode == "zeros":
+        return x, geometry
+    kernel, stride, dilation, (top, bottom, left, right) = geometry
+    x = F.pad(x, (left, right, top, bottom), mode=module.padding_mode)
+    return x, (kernel, stride, dilation, (0, 0, 0, 0))
 
 
 def _conv2d_geometry(module: nn.Module) -> tuple[tuple, tuple, tuple, tuple]:
@@ -237,12 +248,14 @@ def _conv1d_geometry(module: nn.Module) -> tuple[tuple, tuple, tuple, tuple]:
 
 def _conv2d_inputs(module: nn.Module, args: tuple[Tensor, ...]) -> Tensor:
     """x (N, C_in, H, W) -> patches (N, H_out·W_out, C_in·k_h·k_w)."""
-    return unfold(args[0], *_conv2d_geometry(module)).transpose(1, 2)
+    x, geometry = _padded(module, args[0], _conv2d_geometry(module))
+    return unfold(x, *geometry).transpose(1, 2)
 
 
 def _conv1d_inputs(module: nn.Module, args: tuple[Tensor, ...]) -> Tensor:
     """x (N, C_in, L) -> patches (N, L_out, C_in·k), as a (k, 1) 2-d convolution."""
-    return unfold(args[0].unsqueeze(-1), *_conv1d_geometry(module)).transpose(1, 2)
+    x, geometry = _padded(module, args[0].unsqueeze(-1), _conv1d_geometry(module))
+    return unfold(x, *geometry).transpose(1, 2)
 
 
 def _conv_input_sums(x: Tensor, geometry: tuple, approx: str) -> Tensor:
@@ -253,11 +266,12 @@ def _conv_input_sums(x: Tensor, geometry: tuple, approx: str) -> Tensor:
 
 def _conv2d_input_sums(module: nn.Module, args: tuple[Tensor, ...], approx: str) -> Tensor:
     """KFAC input statistics of a Conv2d without unfolding every patch (conv.py)."""
-    return _conv_input_sums(args[0], _conv2d_geometry(module), approx)
+    return _conv_input_sums(*_padded(module, args[0], _conv2d_geometry(module)), approx)
 
 
 def _conv1d_input_sums(module: nn.Module, args: tuple[Tensor, ...], approx: str) -> Tensor:
-    return _conv_input_sums(args[0].unsqueeze(-1), _conv1d_geometry(module), approx)
+    x = args[0].unsqueeze(-1)
+    return _conv_input_sums(*_padded(module, x, _conv1d_geometry(module)), approx)
 
 
 def _conv_output_grads(module: nn.Module, g: Tensor) -> Tensor:
