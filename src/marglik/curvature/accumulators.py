@@ -271,9 +271,10 @@ def warn_channels_first(fd: Tensor, records: Iterable) -> None:
     the outputs and the others as positions, so KFAC would stack the GGN's columns over the
     channels, which that convolution mixes: its blocks, even the bias's, are then not the
     exact ones (``docs/equivariance.md``, "KFAC with channels-first outputs")."""
+    if fd.ndim <= 2:  # no positions: nothing to mistake for them
+        return
     for rec in records:
-        feature_dim = getattr(rec.kind, "feature_dim", -1) % fd.ndim if fd.ndim > 2 else -1
-        feature_dim %= fd.ndim
+        feature_dim = getattr(rec.kind, "feature_dim", -1) % fd.ndim
         if feature_dim == fd.ndim - 1:
             continue
         if any(out.shape == fd.shape for out in rec.outputs):
