@@ -19,9 +19,10 @@ curvature engine and the layer-wise predictive need is generic in (a, b)
 
 So a module type only has to say how to form a (N, R, D_in) from its forward arguments and how
 to lay out gradients w.r.t. its output as (K, N, R, D_out). ``nn.Linear`` (any leading dims:
-the middle ones are positions) and ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and any
-``padding_mode`` (unfolded patches of the input padded as the module pads it) and :class:`marglik.layers.GroupedLinear` (G maps as one map at G
-positions with block-sparse inputs) are registered here, and ``nn.MultiheadAttention`` as a
+the middle ones are positions), ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and any
+``padding_mode`` (unfolded patches of the input padded as the module pads it) and
+:class:`marglik.layers.GroupedLinear` (G maps as one map at G positions with block-sparse
+inputs) are registered here, and ``nn.MultiheadAttention`` as a
 :class:`CompositeType` (below); other types register with :func:`register_layer` without
 touching the engine::
 
