@@ -14,6 +14,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
 
+def parameter_slices(model: nn.Module) -> dict[str, slice]:
+    """name -> slice of the flat parameter vector θ, in ``named_parameters`` order."""
+    out, start = {}, 0
+    for name, p in model.named_parameters():
+        out[name] = slice(start, start + p.numel())
+        start += p.numel()
+    return out
+
+
 def parameter_dict(model: nn.Module, names: list[str] | None = None) -> dict[str, Tensor]:
     params = dict(model.named_parameters())
     names = list(params) if names is None else names

@@ -16,14 +16,6 @@ from tests import oracle
 MODES = ["circular", "reflect", "replicate"]
 
 
-def offsets(model):
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = slice(start, start + p.numel())
-        start += p.numel()
-    return out
-
-
 def conv(dims, mode, c_in=2, c_out=3):
     return (nn.Conv1d if dims == 1 else nn.Conv2d)(c_in, c_out, 3, padding=1, padding_mode=mode)
 
@@ -42,7 +34,7 @@ def test_last_conv_kfac_blocks_are_exact(mode, dims):
     # a registered layer, not a diagonal fallback block
     assert not [w for w in caught if "cannot express" in str(w.message)]
     H = oracle.ggn(model, x, y, oracle.gaussian_nll(0.5))
-    for (name, sl), block in zip(offsets(model).items(), la.H.blocks, strict=True):
+    for (name, sl), block in zip(oracle.parameter_slices(model).items(), la.H.blocks, strict=True):
         torch.testing.assert_close(block.to_dense(), H[sl, sl], rtol=1e-9, atol=1e-11, msg=name)
 
 

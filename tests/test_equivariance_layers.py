@@ -30,15 +30,6 @@ def loader(x, y, batch_size=4):
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
-def offsets(model):
-    """name -> slice of θ, in named_parameters order."""
-    out, start = {}, 0
-    for name, p in model.named_parameters():
-        out[name] = slice(start, start + p.numel())
-        start += p.numel()
-    return out
-
-
 def fc_matrix(fc):
     """The FC path as an explicit matrix (rows (d, y), columns (c, x)) and bias (C_out·Y,)."""
     if isinstance(fc, FactoredFC):
@@ -104,7 +95,7 @@ class SumGroups(nn.Module):
 
 
 def assert_blocks_exact(model, la, H, names):
-    sl = offsets(model)
+    sl = oracle.parameter_slices(model)
     blocks = dict(zip(sl, la.H.blocks, strict=True))
     for name in names:
         block = blocks[name]
@@ -147,7 +138,8 @@ def test_kfac_of_soft_layers_is_exact_in_a_deep_linear_network():
     exact = ["0.fc.linear.weight", "0.fc.linear.bias",
              "1.fc.v.weight", "1.fc.v.bias", "1.conv.weight", "1.conv.bias"]
     assert_blocks_exact(model, la, H, exact)
-    assert len(la.H.blocks) == len(offsets(model))  # every tensor its own block, none dropped
+    # every tensor its own block, none dropped
+    assert len(la.H.blocks) == len(oracle.parameter_slices(model))
 
 
 class Net(nn.Module):
@@ -182,7 +174,7 @@ def test_kfac_factors_of_a_grouped_layer_are_the_definition():
     x = torch.randn(5, 1, 3, 3)
     y = torch.randint(0, 3, (5,))
     la = marglik.Laplace(model, "classification", hessian_structure="kron").fit(loader(x, y))
-    block = dict(zip(offsets(model), la.H.blocks, strict=True))["soft.fc.u.weight"]
+    block = dict(zip(oracle.parameter_slices(model), la.H.blocks, strict=True))["soft.fc.u.weight"]
     u = model.soft.fc.u
     xin = x.reshape(5, 1, 9)  # the u input: (N, G=C_in, X)
     a = torch.zeros(5, 1, 1, 9)
@@ -235,7 +227,7 @@ def test_evidence_and_its_gradient_in_each_path_precision(structure):
     (grad,) = torch.autograd.grad(logz, delta)
     if structure == "full":  # the evidence itself, with explicit matrices
         theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-        sl = offsets(model)
+        sl = oracle.parameter_slices(model)
         per_param = torch.empty_like(theta)
         for g, members in enumerate(groups):
             for name in members:
