@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import marglik
+from marglik.curvature.builtin_layers import mha_forward
 from marglik.curvature.layers import LayerRecorder, layer_map
-from marglik.curvature.registry import mha_forward
 from marglik.curvature.subsets import select_subset
 from marglik.predictive import glm_moments
 from marglik.structures import Diagonal, Kronecker

@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import marglik
+from marglik.curvature.builtin_layers import LINEAR
 from marglik.curvature.layers import layer_map, supported
-from marglik.curvature.registry import LINEAR, LayerType, layer_type, registered_layer
+from marglik.curvature.registry import LayerType, layer_type, registered_layer
 from marglik.curvature.subsets import select_subset
 from marglik.posterior.layerwise import layerwise_plan
 from marglik.predictive import glm_moments

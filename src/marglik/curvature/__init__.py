@@ -2,6 +2,8 @@
 
 - :mod:`~marglik.curvature.registry`: which module types get Kronecker factors and closed-form
   diagonals (:func:`register_layer` adds a type without touching the engine);
+  :mod:`~marglik.curvature.builtin_layers` registers Linear, Conv1d/2d, GroupedLinear and
+  MultiheadAttention;
 - :mod:`~marglik.curvature.layers`: hooks that collect layer inputs and output gradients, and the
   one parameter → layer map;
 - :mod:`~marglik.curvature.kfac`: the factor maths (KFAC-expand / reduce, exact diagonals);
@@ -16,6 +18,7 @@
 - :mod:`~marglik.curvature.batches`: what a batch is ((x, y) pairs, dicts, tuples of inputs).
 """
 
+from marglik.curvature import builtin_layers  # noqa: F401  (registers the built-in layer types)
 from marglik.curvature.registry import (
     CompositeType,
     LayerType,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from marglik.curvature.builtin_layers import LINEAR
 from marglik.curvature.copies import (
     group_grads,
     group_input_sums,
@@ -41,7 +42,7 @@ from marglik.curvature.copies import (
     scale_expand,
 )
 from marglik.curvature.kfac import input_statistics, kfac_factors
-from marglik.curvature.registry import LINEAR, CompositeType, LayerType, layer_type
+from marglik.curvature.registry import CompositeType, LayerType, layer_type
 from marglik.curvature.subsets import ParameterSubset
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from marglik.curvature.builtin_layers import LINEAR
 from marglik.curvature.layers import LayerMap, LayerRecord
-from marglik.curvature.registry import LINEAR
 
 
 def silent_layers(layers: list[LayerRecord]) -> list[LayerRecord]:
