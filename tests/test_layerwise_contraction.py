@@ -91,3 +91,24 @@ def test_resnet_predictive_on_every_path_equals_brute_force(monkeypatch, structu
     J = oracle.jacobians(la.model, xt, la.subset.names)
     Sigma = torch.linalg.inv(la.posterior_precision)
     torch.testing.assert_close(cov, J @ Sigma @ J.mT, rtol=1e-9, atol=1e-12)
+
+
+def test_layerwise_chunks_follow_their_own_bound(monkeypatch):
+    """The default chunk of the layer-wise path holds about LAYERWISE_MAX_ELEMENTS numbers."""
+    import marglik.posterior.glm as glm
+    from marglik.posterior.layerwise import per_sample_footprint
+
+    model = tiny_resnet()
+    x, y = torch.randn(7, 2, 6, 6), torch.randint(0, 3, (7,))
+    la = marglik.Laplace(model, "classification", hessian_structure="kron")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la.fit(DataLoader(TensorDataset(x, y), batch_size=7))
+    plan = glm.resolve_backend(la)
+    per_input, D = per_sample_footprint(la, plan, x[:1])
+    assert D == 3 and per_input > 0
+    monkeypatch.setattr(glm, "LAYERWISE_MAX_ELEMENTS", 2 * per_input + 1)
+    assert glm.chunk_length(la, x, plan, None) == 2
+    assert glm.chunk_length(la, x, plan, 5) == 5
+    monkeypatch.setattr(glm, "LAYERWISE_MAX_ELEMENTS", 1)
+    assert glm.chunk_length(la, x, plan, None) == 1

@@ -13,8 +13,9 @@ AISTATS 2021. Two ways to the functional covariance J Σ Jᵀ:
   ``inv_quad`` — for every structure and subset.
 
 ``"auto"`` takes the layer-wise path where it applies. Inputs are processed in chunks whose size
-bounds the numbers held at once (about :data:`MAX_ELEMENTS`), so memory stays bounded for any
-batch size; the joint covariance over a batch is computed in one piece.
+bounds the numbers held at once (about :data:`MAX_ELEMENTS`; :data:`LAYERWISE_MAX_ELEMENTS` on
+the layer-wise path), so memory stays bounded for any batch size; the joint covariance over a
+batch is computed in one piece.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
 
 #: Default bound on the numbers (Jacobian entries, recorded activations) held per chunk.
 MAX_ELEMENTS = 2**24
+#: The same for the layer-wise path (recorded activations and column gradients; 256 MB in
+#: float32): larger chunks make the per-column backward passes and the per-layer products
+#: batched matrix products over several inputs (a ResNet-18 gets chunks of 3, not 1).
+LAYERWISE_MAX_ELEMENTS = 2**26
 
 
 def _n_inputs(la: Laplace, x: Inputs) -> int:
@@ -73,10 +78,13 @@ def resolve_backend(la: Laplace, backend: str = "auto") -> LayerwisePlan | None:
 
 
 def chunk_length(la: Laplace, x: Inputs, plan: LayerwisePlan | None, chunk_size: int | None,
-                 max_elements: int = MAX_ELEMENTS) -> int:
-    """Number of inputs per chunk: ``chunk_size`` or the most that fit ``max_elements``."""
+                 max_elements: int | None = None) -> int:
+    """Number of inputs per chunk: ``chunk_size`` or the most that fit ``max_elements``
+    (default :data:`MAX_ELEMENTS`, :data:`LAYERWISE_MAX_ELEMENTS` for a layer-wise plan)."""
     if chunk_size is not None:
         return int(chunk_size)
+    if max_elements is None:
+        max_elements = MAX_ELEMENTS if plan is None else LAYERWISE_MAX_ELEMENTS
     if plan is None:
         with torch.no_grad():
             D = call_model(la.model, slice_inputs(x, 0, 1))[0].numel()
@@ -119,7 +127,7 @@ def glm_moments(la: Laplace, x: Inputs, joint: bool = False, chunk_size: int | N
     Args:
         x: inputs (B, ...), or a dict / tuple of such tensors (:mod:`marglik.curvature.batches`).
         joint: full covariance over the batch instead of one per input.
-        chunk_size: inputs per chunk (default: bounded by :data:`MAX_ELEMENTS`).
+        chunk_size: inputs per chunk (default: bounded by :func:`chunk_length`).
         backend: ``"auto" | "layerwise" | "generic"``.
         create_graph: keep the graph to x (for ``enable_backprop``).
 
@@ -140,8 +148,7 @@ def glm_moment_chunks(la: Laplace, x: Inputs, chunk_size: int | None = None,
                       ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (f (n, ...), J Σ Jᵀ (n, D, D)) for consecutive chunks of x (B, ...).
 
-    ``chunk_size`` inputs per chunk, by default as many as keep about :data:`MAX_ELEMENTS`
-    numbers in memory at once.
+    ``chunk_size`` inputs per chunk, by default as many as :func:`chunk_length` allows.
     """
     la.require_fit()
     plan = resolve_backend(la, backend)

@@ -169,14 +169,17 @@ def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Inputs) -> tuple[
     with torch.no_grad(), LayerRecorder(layers):
         f = call_model(la.model, x1)
     D = f[0].numel()
-    total = 4 * D * D
+    total, largest = 4 * D * D, 0
     for rec in layers:
         R = sum(a.shape[0] * a.shape[1] for a in rec.inputs)  # one input: either layout
         d_out = rec.outputs[0][0].numel() // max(1, rec.inputs[0].shape[1]) if rec.outputs else 0
         d_in = rec.inputs[0].shape[-1] if rec.inputs else 0
-        total += 3 * R * (d_in + D * d_out)  # activations, a, g and their rotations
-        # (per-layer Jacobians with sharing are formed in blocks of bounded size:
-        # layerwise_covariance.MAX_JACOBIAN_BLOCK, not per input)
+        held = R * (d_in + 2 * D * d_out)  # a, the column gradients and their (R, D_out) layout
+        total += held
+        largest = max(largest, held)
+    # the layer being contracted: its rotated (and permuted) a and g, one layer at a time;
+    # its Jacobians are formed in blocks of bounded size (layerwise_covariance.MAX_JACOBIAN_BLOCK)
+    total += 2 * largest
     if plan.others is not None:
         total += 3 * D * plan.others.size
     for bs in plan.blocks:  # Dense blocks: J and C⁻¹Jᵀ (D, p) each, or J·Q and aᵀQ (D_out, p)
