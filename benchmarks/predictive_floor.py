@@ -18,7 +18,11 @@ import torch
 from resnet import MODELS
 from torch import nn
 
-from marglik.posterior.layerwise_covariance import pairs_first, rotate_inputs_first
+from marglik.posterior.layerwise_covariance import (
+    pairs_first,
+    rotate_gradients_first,
+    rotate_inputs_first,
+)
 
 
 def layer_shapes(model: nn.Module) -> list[tuple[int, int, int, bool]]:
@@ -49,7 +53,8 @@ def counts(shapes: list[tuple[int, int, int, bool]], K: int) -> dict[str, float]
              "G-side rotations": 0, "A-side rotations": 0, "Jacobians or pair products": 0,
              "contractions": 0}
     for R, m, n, _ in shapes:
-        parts["G-side rotations"] += K * R * m * m
+        g_first = R == 1 or pairs_first(K, R) or rotate_gradients_first(R, n)
+        parts["G-side rotations"] += K * m * m * (R if g_first else n)
         if R == 1:
             parts["A-side rotations"] += n * n
             parts["contractions"] += K * K * m + m * n

@@ -22,17 +22,20 @@ from marglik.posterior.layerwise import LayerData
 from tests import oracle
 from tests.test_resnet_scale import tiny_resnet
 
-PATHS = {  # name -> (pairs_first, rotate_inputs_first)
-    "pairs": (True, True),
-    "rotate-inputs": (False, True),
-    "rotate-jacobians": (False, False),
+PATHS = {  # name -> (pairs_first, rotate_inputs_first, rotate_gradients_first)
+    "pairs": (True, True, True),
+    "rotate-inputs": (False, True, True),
+    "rotate-jacobians": (False, False, True),
+    "rotate-jacobians-both-sides": (False, False, False),
+    "rotate-inputs-and-jacobian-rows": (False, True, False),
 }
 
 
 def _force(monkeypatch, path: str) -> None:
-    pairs, inputs_first = PATHS[path]
+    pairs, inputs_first, gradients_first = PATHS[path]
     monkeypatch.setattr(covariance, "pairs_first", lambda D, R: pairs)
     monkeypatch.setattr(covariance, "rotate_inputs_first", lambda D, R, m, n: inputs_first)
+    monkeypatch.setattr(covariance, "rotate_gradients_first", lambda R, n: gradients_first)
 
 
 def _orthogonal(k: int, gen: torch.Generator) -> torch.Tensor:
@@ -66,10 +69,13 @@ def test_weight_quad_equals_explicit_jacobians(monkeypatch, path, R, rotated, ne
 
 def test_cost_model_picks_each_path_for_a_resnet18():
     """C = 10: the 4×4 layers take the pair form, the 32×32 layers rotate their Jacobians,
-    the layers between rotate their inputs."""
+    the layers between rotate their inputs; 1×1 convolutions at high resolution rotate the
+    Jacobians' rows too."""
     assert covariance.pairs_first(10, 16) and not covariance.pairs_first(10, 64)
     assert not covariance.rotate_inputs_first(10, 1024, 64, 576)
     assert covariance.rotate_inputs_first(10, 256, 128, 1152)
+    assert covariance.rotate_gradients_first(256, 1152)
+    assert not covariance.rotate_gradients_first(1024, 64)
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag"])

@@ -134,26 +134,31 @@ def _weight_quad(ld: LayerData, K: Tensor, QG: Tensor | None = None,
     :data:`MAX_JACOBIAN_BLOCK` numbers (memory bounded by the block, not by N·D·m·n), and
     Cov = Σ_i X_i X_iᵀ with X_i = J̃_{·,i·} ⊙ √K_i. The A-side rotation goes where it is
     cheaper (:func:`rotate_inputs_first`): on the inputs once, ã = a Q_A (R·n² per input), or
-    on each block of Jacobians, (g̃ᵀ a) Q_A (D·m·n² per input); the G side always rotates g
-    first, g̃ = g Q_G (D·R·m² per input).
+    on each block of Jacobians, (g̃ᵀ a) Q_A (D·m·n² per input); the G side likewise
+    (:func:`rotate_gradients_first`): g̃ = g Q_G (D·R·m² per input), or Q_Gᵀ J (D·m²·n per
+    input) where all m rows fit one block.
     """
     g, a = ld.g, ld.a
-    if QG is not None:
+    D, N, R, m = g.shape
+    n = a.shape[-1]
+    # Q_G on the formed Jacobians (D·m²·n per input) where that is cheaper than on g (D·R·m²)
+    # and all m rows fit one block (the rotation mixes rows)
+    g_late = (QG is not None and R > 1 and not pairs_first(D, R)
+              and not rotate_gradients_first(R, n) and N * D * m * n <= MAX_JACOBIAN_BLOCK)
+    if QG is not None and not g_late:
         g = g @ QG  # one (D·N·R, m) @ (m, m) product
-    if a.shape[1] == 1:  # rank one: g_cᵀ diag(K a²) g_c'
+    if R == 1:  # rank one: g_cᵀ diag(K a²) g_c'
         a0 = a[:, 0] if QA is None else a[:, 0] @ QA
         g0 = g[:, :, 0]  # (D, N, m)
         w = a0.square() @ K.mT  # (N, m)
         return torch.einsum("dni,eni->nde", g0 * w, g0)
-    D, N, R, m = g.shape
-    n = a.shape[-1]
     if pairs_first(D, R):
         return _pair_quad(a if QA is None else a @ QA, g, K)
     late = QA is not None and not rotate_inputs_first(D, R, m, n)
     if QA is not None and not late:
         a = a @ QA  # (N·R, n) @ (n, n)
     gt = g.permute(1, 0, 3, 2)  # (N, D, m, R), a view
-    rows = max(1, min(m, MAX_JACOBIAN_BLOCK // max(1, N * D * max(n, R))))
+    rows = m if g_late else max(1, min(m, MAX_JACOBIAN_BLOCK // max(1, N * D * max(n, R))))
     root = K.sqrt() if bool((K >= 0).all()) else None
     out = a.new_zeros(N, D, D)
     for lo in range(0, m, rows):  # blocks of weight rows, not inputs or columns
@@ -161,6 +166,8 @@ def _weight_quad(ld: LayerData, K: Tensor, QG: Tensor | None = None,
         J = torch.bmm(gt[:, :, lo:hi].reshape(N, D * (hi - lo), R), a)  # (N, D·rows, n)
         if late:
             J = J @ QA
+        if g_late:  # Q_Gᵀ J_c for every (input, output): (N·D, m, m) @ (N·D, m, n)
+            J = torch.matmul(QG.mT, J.view(N * D, m, n))
         J = J.view(N, D, hi - lo, n)
         if root is not None:
             X = J.mul_(root[lo:hi]).view(N, D, -1)
@@ -204,6 +211,13 @@ def _pair_quad(a: Tensor, g: Tensor, K: Tensor) -> Tensor:
         left = (gt[:, :, rb] * (M * w[lo : lo + step])[:, None]).reshape(N, D, -1)
         out = out.baddbmm(left, gt[:, :, sb].reshape(N, D, -1).mT)
     return 0.5 * (out + out.mT)
+
+
+def rotate_gradients_first(R: int, n: int) -> bool:
+    """Whether g̃ = g Q_G (D·R·m² per input) is cheaper than Q_Gᵀ J (D·m²·n per input):
+    R ≤ n. Not for a ResNet's 1×1 convolutions at high resolution (n = c_in < R), e.g. a
+    ResNet-50's 32×32 expansions 64 → 256 (R = 1,024, n = 64)."""
+    return R <= n
 
 
 def rotate_inputs_first(D: int, R: int, m: int, n: int) -> bool:
