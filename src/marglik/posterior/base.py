@@ -37,6 +37,7 @@ from marglik.likelihoods.gaussian import check_sigma
 from marglik.posterior.prior import Prior, as_model_dtype
 from marglik.posterior.tangent import optimize_tangent_evidence
 from marglik.predictive import predict
+from marglik.predictive.links import centre_covariance
 from marglik.predictive.validation import gridsearch_prior_precision
 
 __all__ = ["Posterior"]
@@ -118,14 +119,18 @@ class Posterior(ABC):
         """
 
     def functional_moment_chunks(self, x: Tensor, chunk_size: int | None = None,
-                                 create_graph: bool = False, backend: str = "auto"
-                                 ) -> Iterator[tuple[Tensor, Tensor]]:
+                                 create_graph: bool = False, backend: str = "auto",
+                                 centred: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """Per-input moments (f (n, ...), cov (n, D, D)) over consecutive chunks of x.
 
         The predictive applies its link chunk by chunk, so memory stays bounded for any batch.
         Default: one chunk, :meth:`functional_moments`; posteriors that chunk override it.
+        ``centred``: for outputs (B, C), cov may be that of the centred logits, P Σ P with
+        P = I − 11ᵀ/C (what every softmax link reads; a posterior may then need only C − 1
+        output columns); outputs with more dimensions keep Σ.
         """
-        yield self.functional_moments(x, False, chunk_size, create_graph, backend)
+        f, cov = self.functional_moments(x, False, chunk_size, create_graph, backend)
+        yield f, (centre_covariance(cov) if centred and f.ndim == 2 else cov)
 
     @abstractmethod
     def function_samples(self, x: Tensor, n_samples: int = 100,

@@ -41,6 +41,7 @@ from marglik.posterior.kernel_data import (
 )
 from marglik.posterior.prior import Prior, as_model_dtype, check_precision
 from marglik.posterior.samples import sample_outputs
+from marglik.predictive.links import centre_covariance
 from marglik.structures.base import sym_eigvalsh
 
 __all__ = ["FunctionalLaplace"]
@@ -369,10 +370,11 @@ class FunctionalLaplace(Posterior):
         return torch.cat(means), torch.cat(covs)
 
     def functional_moment_chunks(self, x: Tensor, chunk_size: int | None = None,
-                                 create_graph: bool = False, backend: str = "auto"
-                                 ) -> Iterator[tuple[Tensor, Tensor]]:
+                                 create_graph: bool = False, backend: str = "auto",
+                                 centred: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """Per-input moments over chunks of x, each holding about :data:`MAX_ELEMENTS` numbers
-        (Jacobians and cross-kernels), or ``chunk_size`` inputs."""
+        (Jacobians and cross-kernels), or ``chunk_size`` inputs; ``centred``: P Σ P for
+        outputs (B, C) (:meth:`Posterior.functional_moment_chunks`)."""
         self.require_fit()
         x = to_model(x, self.model)
         n = batch_size(x, self.dict_key_x)
@@ -381,9 +383,9 @@ class FunctionalLaplace(Posterior):
             chunk_size = max(1, MAX_ELEMENTS // (D * P + 3 * self._J.shape[0] * D * D))
         for start in range(0, n, chunk_size):
             with eval_mode(self.model, requires_grad=None):
-                item = self._moments(slice_inputs(x, start, start + chunk_size), False,
-                                     create_graph)
-            yield item
+                f, cov = self._moments(slice_inputs(x, start, start + chunk_size), False,
+                                       create_graph)
+            yield f, (centre_covariance(cov) if centred and f.ndim == 2 else cov)
 
     def _moments(self, x, joint: bool, create_graph: bool) -> tuple[Tensor, Tensor]:
         L, L_S, W = self._cached_factors()

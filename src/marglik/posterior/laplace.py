@@ -397,11 +397,13 @@ class Laplace(Posterior):
             return glm_moments(self, x, joint, chunk_size, backend, create_graph)
 
     def functional_moment_chunks(self, x: Tensor, chunk_size: int | None = None,
-                                 create_graph: bool = False, backend: str = "auto"
-                                 ) -> Iterator[tuple[Tensor, Tensor]]:
+                                 create_graph: bool = False, backend: str = "auto",
+                                 centred: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
         """Per-input GLM moments over chunks of x whose size bounds the memory. Each chunk runs
-        in eval mode with the model's state restored before it is handed out."""
-        chunks = glm_moment_chunks(self, x, chunk_size, backend, create_graph)
+        in eval mode with the model's state restored before it is handed out. ``centred``:
+        P Σ P for outputs (B, C), from C − 1 output columns (:func:`~marglik.posterior.glm.
+        glm_moment_chunks`)."""
+        chunks = glm_moment_chunks(self, x, chunk_size, backend, create_graph, centred)
         while True:
             with eval_mode(self.model, requires_grad=None):
                 item = next(chunks, None)

@@ -22,7 +22,7 @@ the curvature engine (:func:`~marglik.curvature.layers.layer_map`).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -169,14 +169,17 @@ def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Inputs) -> tuple[
     with torch.no_grad(), LayerRecorder(layers):
         f = call_model(la.model, x1)
     D = f[0].numel()
-    total = 4 * D * D
+    total, largest = 4 * D * D, 0
     for rec in layers:
         R = sum(a.shape[0] * a.shape[1] for a in rec.inputs)  # one input: either layout
         d_out = rec.outputs[0][0].numel() // max(1, rec.inputs[0].shape[1]) if rec.outputs else 0
         d_in = rec.inputs[0].shape[-1] if rec.inputs else 0
-        total += 3 * R * (d_in + D * d_out)  # activations, a, g and their rotations
-        # (per-layer Jacobians with sharing are formed in blocks of bounded size:
-        # layerwise_covariance.MAX_JACOBIAN_BLOCK, not per input)
+        held = R * (d_in + 2 * D * d_out)  # a, the column gradients and their (R, D_out) layout
+        total += held
+        largest = max(largest, held)
+    # the layer being contracted: its rotated (and permuted) a and g, one layer at a time;
+    # its Jacobians are formed in blocks of bounded size (layerwise_covariance.MAX_JACOBIAN_BLOCK)
+    total += 2 * largest
     if plan.others is not None:
         total += 3 * D * plan.others.size
     for bs in plan.blocks:  # Dense blocks: J and C⁻¹Jᵀ (D, p) each, or J·Q and aᵀQ (D_out, p)
@@ -186,8 +189,10 @@ def per_sample_footprint(la: Laplace, plan: LayerwisePlan, x1: Inputs) -> tuple[
     return total, D
 
 
-def _column_grads(f: Tensor, outs: list[Tensor], create_graph: bool) -> list[Tensor]:
-    """∂f_d/∂out for every flattened output d, per input: list of (D, *out.shape).
+def _column_grads(f: Tensor, outs: list[Tensor], create_graph: bool, U: Tensor
+                  ) -> list[Tensor]:
+    """∂(U_k · f)/∂out for every row U_k (D,) of U (K, D) over the flattened outputs, per input:
+    list of (K, *out.shape) (U = I: ∂f_d/∂out for every output d).
 
     Without a graph: :func:`~marglik.curvature.backprop.backprop_columns` (one backward pass
     per column on a CPU, one vmapped pass elsewhere); with ``create_graph`` one backward pass
@@ -195,18 +200,16 @@ def _column_grads(f: Tensor, outs: list[Tensor], create_graph: bool) -> list[Ten
     """
     B = f.shape[0]
     flat = f.reshape(B, -1)
-    D = flat.shape[1]
+    K = U.shape[0]
     if not create_graph:
-        U = torch.eye(D, dtype=f.dtype, device=f.device).reshape(D, 1, *f.shape[1:])
-        return backprop_columns(f, outs, U.expand(D, *f.shape))
+        return backprop_columns(f, outs, U.reshape(K, 1, *f.shape[1:]).expand(K, *f.shape))
     grads: list[list[Tensor]] = [[] for _ in outs]
-    for d in range(D):
-        u = torch.zeros_like(flat)
-        u[:, d] = 1
+    for k in range(K):  # output columns, not samples
+        u = U[k].expand_as(flat)
         gd = torch.autograd.grad(flat, outs, u, retain_graph=True, create_graph=create_graph,
                                  allow_unused=True)
-        for k, (g, o) in enumerate(zip(gd, outs)):
-            grads[k].append(torch.zeros_like(o) if g is None else g)
+        for i, (g, o) in enumerate(zip(gd, outs)):
+            grads[i].append(torch.zeros_like(o) if g is None else g)
     return [torch.stack(g) for g in grads]
 
 
@@ -241,9 +244,14 @@ def _requires_grad(model: torch.nn.Module, names: list[str]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
-           ) -> tuple[Tensor, RecordedData, Tensor | None]:
-    """Model outputs f (N, ...), per-layer (a, g), and the others' Jacobians (N, D, P_other).
+def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool,
+           basis: Callable[[Tensor], Tensor | None] | None = None
+           ) -> tuple[Tensor, RecordedData, Tensor | None, Tensor | None]:
+    """Model outputs f (N, ...), per-layer (a, g), the others' Jacobians (N, K, P_other) and
+    the output basis V (D, K) or None.
+
+    ``basis(f)`` may give V (D, K): then every Jacobian is that of the K outputs Vᵀ f (one
+    backward pass per column of V, e.g. the C − 1 centred logits); without it K = D, V = None.
 
     A layer whose hooks did not fire, or (checked on the first chunk, with the layers'
     parameters requiring grad for that pass) whose recorded gradients do not match autograd,
@@ -284,14 +292,17 @@ def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
                 warnings.warn(silent_message(fallback), stacklevel=2)
         fallback_names = {rec.name for rec in fallback} | plan.fallback
         layers = [rec for rec in layers if rec.name not in fallback_names]
+        V = basis(f) if basis is not None else None
         D = f[0].numel()
+        U = torch.eye(D, dtype=f.dtype, device=f.device) if V is None else V.mT.to(f.dtype)
         outs = [o for rec in layers for o in rec.outputs]
         n_layer_outs = len(outs)
         outs += owner_outputs(owners)
         if outs and f.requires_grad:
-            all_grads = _column_grads(f, outs, create_graph)
+            all_grads = _column_grads(f, outs, create_graph, U)
         else:
-            all_grads = [torch.zeros(D, *o.shape, dtype=o.dtype, device=o.device) for o in outs]
+            all_grads = [torch.zeros(U.shape[0], *o.shape, dtype=o.dtype, device=o.device)
+                         for o in outs]
     grads = iter(all_grads[:n_layer_outs])
     data: RecordedData = {}
     for rec in layers:
@@ -303,30 +314,36 @@ def record(la: Laplace, plan: LayerwisePlan, x: Inputs, create_graph: bool
              if t.layer is not None and t.layer.name in fallback_names]
     if slots:
         sub = ParameterSubset([t.name for t in slots], [t.shape for t in slots])
-        J = per_sample_jacobians(la.model, sub, x, f.shape[1:], f.dtype, create_graph).to(dtype)
+        J = _in_basis(per_sample_jacobians(la.model, sub, x, f.shape[1:], f.dtype, create_graph)
+                      .to(dtype), V)
         parts = J.split([t.stop - t.start for t in slots], -1)
         for t, Jt in zip(slots, parts):
             data.setdefault(t.layer.name, Fallback({})).J[t.name] = Jt
     J_other = None
     if plan.others is not None:
         J_other = _other_jacobians(la, plan, x, f, owners, iter(all_grads[n_layer_outs:]),
-                                   create_graph).to(dtype)
+                                   create_graph, V).to(dtype)
     if not create_graph:
         f = f.detach()
-    return f, data, J_other
+    return f, data, J_other, V
+
+
+def _in_basis(J: Tensor, V: Tensor | None) -> Tensor:
+    """Vᵀ J (N, K, p) for Jacobians J (N, D, p) of all outputs; J itself without a basis."""
+    return J if V is None else V.mT.to(J) @ J
 
 
 def _other_jacobians(la: Laplace, plan: LayerwisePlan, x: Inputs, f: Tensor,
-                     owners: list[OwnerRecord], grads: Iterator[Tensor], create_graph: bool
-                     ) -> Tensor:
-    """J (N, D, P_other) of the tensors without a registered layer, in ``plan.others`` order:
-    from the recorded owners (column gradients ``grads`` of their outputs), the rest with
-    ``torch.func`` through the whole model."""
+                     owners: list[OwnerRecord], grads: Iterator[Tensor], create_graph: bool,
+                     V: Tensor | None = None) -> Tensor:
+    """J (N, K, P_other) of the tensors without a registered layer, in ``plan.others`` order:
+    from the recorded owners (column gradients ``grads`` of their outputs, already in the
+    basis V), the rest with ``torch.func`` through the whole model (then Vᵀ J)."""
     parts = {name: g.transpose(0, 1) for o in owners for name, g in o.gradients(grads).items()}
     shapes = dict(zip(plan.others.names, plan.others.shapes))
     rest = [n for n in plan.others.names if n not in parts]
     if rest:
         sub = ParameterSubset(rest, [shapes[n] for n in rest])
-        J = per_sample_jacobians(la.model, sub, x, f.shape[1:], f.dtype, create_graph)
+        J = _in_basis(per_sample_jacobians(la.model, sub, x, f.shape[1:], f.dtype, create_graph), V)
         parts.update(zip(rest, J.split([int(torch.Size(shapes[n]).numel()) for n in rest], -1)))
     return torch.cat([parts[n].to(f.dtype) for n in plan.others.names], -1)

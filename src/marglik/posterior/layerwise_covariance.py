@@ -117,34 +117,114 @@ def functional_covariance(la: Laplace, plan: LayerwisePlan, data: RecordedData,
 MAX_JACOBIAN_BLOCK = 2**22
 
 
-def _weight_quad(ld: LayerData, K: Tensor) -> Tensor:
-    """Σ_ij J_{c,ij} J_{c',ij} K_ij for J_c = Σ_r g_{c,r} a_rᵀ: (N, D, D).
+def _weight_quad(ld: LayerData, K: Tensor, QG: Tensor | None = None,
+                 QA: Tensor | None = None) -> Tensor:
+    """Σ_ij J̃_{c,ij} J̃_{c',ij} K_ij for J̃_c = Q_Gᵀ (Σ_r g_{c,r} a_rᵀ) Q_A: (N, D, D).
 
-    With sharing (R > 1) the Jacobians are formed for blocks of rows i of W at a time (at most
-    :data:`MAX_JACOBIAN_BLOCK` numbers for the chunk's N inputs), scaled by √K in place and
-    contracted, Σ_i X_i X_iᵀ with X_i = J_{·,i·} ⊙ √K_i (K ≥ 0 for a prior δ > 0): memory
-    bounded by the block, not by N·D·D_out·D_in, so chunks of several inputs fit large layers.
+    Args:
+        ld: recorded a (N, R, n) and g (D, N, R, m) of one layer (unrotated).
+        K: weights (m, n); K ≥ 0 for a prior δ > 0.
+        QG, QA: eigenbases (m, m) and (n, n) of the Kronecker factors, or None (identity, for
+            diagonal blocks).
+
+    Without sharing (R = 1) the rank-one form g̃_cᵀ diag(K ã²) g̃_c' (O(D²m + mn) per input).
+    With few positions, the position-pair form (:func:`pairs_first`, :func:`_pair_quad`).
+    Otherwise the Jacobians are formed batched over the chunk's inputs and the D outputs, one
+    product (N, D·rows, R) @ (N, R, n) per block of weight rows of at most
+    :data:`MAX_JACOBIAN_BLOCK` numbers (memory bounded by the block, not by N·D·m·n), and
+    Cov = Σ_i X_i X_iᵀ with X_i = J̃_{·,i·} ⊙ √K_i. The A-side rotation goes where it is
+    cheaper (:func:`rotate_inputs_first`): on the inputs once, ã = a Q_A (R·n² per input), or
+    on each block of Jacobians, (g̃ᵀ a) Q_A (D·m·n² per input); the G side likewise
+    (:func:`rotate_gradients_first`): g̃ = g Q_G (D·R·m² per input), or Q_Gᵀ J (D·m²·n per
+    input) where all m rows fit one block.
     """
     g, a = ld.g, ld.a
-    if a.shape[1] == 1:  # rank one: g_cᵀ diag(K a²) g_c'
-        g0 = g[:, :, 0]  # (D, N, m)
-        w = a[:, 0].square() @ K.mT  # (N, m)
-        return torch.einsum("dni,eni->nde", g0 * w, g0)
-    D, N, _, m = g.shape
+    D, N, R, m = g.shape
     n = a.shape[-1]
-    rows = max(1, min(m, MAX_JACOBIAN_BLOCK // max(1, N * D * n)))
+    # Q_G on the formed Jacobians (D·m²·n per input) where that is cheaper than on g (D·R·m²)
+    # and all m rows fit one block (the rotation mixes rows)
+    g_late = (QG is not None and R > 1 and not pairs_first(D, R)
+              and not rotate_gradients_first(R, n) and N * D * m * n <= MAX_JACOBIAN_BLOCK)
+    if QG is not None and not g_late:
+        g = g @ QG  # one (D·N·R, m) @ (m, m) product
+    if R == 1:  # rank one: g_cᵀ diag(K a²) g_c'
+        a0 = a[:, 0] if QA is None else a[:, 0] @ QA
+        g0 = g[:, :, 0]  # (D, N, m)
+        w = a0.square() @ K.mT  # (N, m)
+        return torch.einsum("dni,eni->nde", g0 * w, g0)
+    if pairs_first(D, R):
+        return _pair_quad(a if QA is None else a @ QA, g, K)
+    late = QA is not None and not rotate_inputs_first(D, R, m, n)
+    if QA is not None and not late:
+        a = a @ QA  # (N·R, n) @ (n, n)
+    gt = g.permute(1, 0, 3, 2)  # (N, D, m, R), a view
+    rows = m if g_late else max(1, min(m, MAX_JACOBIAN_BLOCK // max(1, N * D * max(n, R))))
     root = K.sqrt() if bool((K >= 0).all()) else None
     out = a.new_zeros(N, D, D)
     for lo in range(0, m, rows):  # blocks of weight rows, not inputs or columns
         hi = min(m, lo + rows)
-        J = torch.einsum("dnri,nrj->ndij", g[..., lo:hi], a)  # (N, D, rows, n)
+        J = torch.bmm(gt[:, :, lo:hi].reshape(N, D * (hi - lo), R), a)  # (N, D·rows, n)
+        if late:
+            J = J @ QA
+        if g_late:  # Q_Gᵀ J_c for every (input, output): (N·D, m, m) @ (N·D, m, n)
+            J = torch.matmul(QG.mT, J.view(N * D, m, n))
+        J = J.view(N, D, hi - lo, n)
         if root is not None:
-            X = J.mul_(root[lo:hi]).flatten(2)
+            X = J.mul_(root[lo:hi]).view(N, D, -1)
             out = out.baddbmm(X, X.mT)
         else:  # a negative entry (not from a positive prior): both factors
-            J = J.flatten(2)
+            J = J.reshape(N, D, -1)
             out = out.baddbmm(J * K[lo:hi].reshape(-1), J.mT)
     return out
+
+
+def pairs_first(D: int, R: int) -> bool:
+    """Whether the position-pair form (:func:`_pair_quad`, m·n·R(R+1)/2 per input, one
+    compute-bound product) costs no more than forming and contracting the Jacobians
+    (m·n·(D·R + D²) per input, memory-bound for few positions): R(R+1)/2 ≤ D·R + D².
+    For D = 10 outputs this holds for R ≤ 26 (a ResNet-18's 4×4 layers)."""
+    return R * (R + 1) // 2 <= D * R + D * D
+
+
+def _pair_quad(a: Tensor, g: Tensor, K: Tensor) -> Tensor:
+    """Σ_ij K_ij J_{c,ij} J_{c',ij} over pairs of positions instead of Jacobians: (N, D, D).
+
+    With J_c = Σ_r g_{c,r} a_rᵀ (a (N, R, n), g (D, N, R, m), both already rotated) and
+    M_{i,rs} = Σ_j K_ij a_rj a_sj (symmetric in r, s),
+
+        Cov[c, c'] = Σ_i Σ_{r,s} g_{c,r,i} M_{i,rs} g_{c',s,i}
+                   = sym(Σ_i Σ_{r≤s} w_rs g_{c,r,i} M_{i,rs} g_{c',s,i}),   w_rs = 2 − [r = s],
+
+    sym(Y) = (Y + Yᵀ)/2. M for all pairs r ≤ s is one product (N·T, n) @ (n, m) with
+    T = R(R+1)/2, in blocks of pairs of at most :data:`MAX_JACOBIAN_BLOCK` numbers.
+    """
+    D, N, R, m = g.shape
+    n = a.shape[-1]
+    r, s = torch.triu_indices(R, R, device=a.device)
+    w = (2 - (r == s).to(a.dtype))[:, None]  # (T, 1)
+    gt = g.transpose(0, 1)  # (N, D, R, m)
+    step = max(1, MAX_JACOBIAN_BLOCK // max(1, N * max(n, D * m)))
+    out = a.new_zeros(N, D, D)
+    for lo in range(0, r.numel(), step):  # blocks of position pairs
+        rb, sb = r[lo : lo + step], s[lo : lo + step]
+        M = (a[:, rb] * a[:, sb]) @ K.mT  # (N, T_b, m)
+        left = (gt[:, :, rb] * (M * w[lo : lo + step])[:, None]).reshape(N, D, -1)
+        out = out.baddbmm(left, gt[:, :, sb].reshape(N, D, -1).mT)
+    return 0.5 * (out + out.mT)
+
+
+def rotate_gradients_first(R: int, n: int) -> bool:
+    """Whether g̃ = g Q_G (D·R·m² per input) is cheaper than Q_Gᵀ J (D·m²·n per input):
+    R ≤ n. Not for a ResNet's 1×1 convolutions at high resolution (n = c_in < R), e.g. a
+    ResNet-50's 32×32 expansions 64 → 256 (R = 1,024, n = 64)."""
+    return R <= n
+
+
+def rotate_inputs_first(D: int, R: int, m: int, n: int) -> bool:
+    """Whether ã = a Q_A (R·n² per input) is cheaper than rotating the Jacobians, J Q_A
+    (D·m·n² per input): R ≤ D·m. For a ResNet-18 with C = 10 classes the 32×32 layers
+    (R = 1,024, m = 64) rotate their Jacobians, all later layers their inputs."""
+    return R <= D * m
 
 
 def _kron_block(bs: BlockSlot, chunk: Chunk, scale: Tensor, delta: Tensor) -> Tensor:
@@ -159,7 +239,7 @@ def _kron_block(bs: BlockSlot, chunk: Chunk, scale: Tensor, delta: Tensor) -> Te
     t = bs.tensors[0]
     ld = chunk.recorded(t)
     if ld is not None:
-        return _weight_quad(LayerData(ld.a @ QA, ld.g @ QG), K)
+        return _weight_quad(ld, K, QG, QA)
     J = chunk.jacobian(t)  # a layer that fell back
     Jt = torch.einsum("ndij,ia,jb->ndab", J.reshape(*J.shape[:2], QG.shape[0], QA.shape[0]),
                       QG, QA).flatten(2)

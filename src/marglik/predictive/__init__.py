@@ -145,7 +145,10 @@ def _glm_marginals(la: Posterior, x: Tensor, task: str, link_approx: str, n_samp
                    chunk_size: int | None, backend: str, out_shape: torch.Size
                    ) -> Tensor | tuple[Tensor, Tensor]:
     results = []
-    for f, cov in la.functional_moment_chunks(x, chunk_size, create_graph, backend):
+    # softmax links read only the centred logits' Gaussian N(Pμ, PΣP) (links.project_to_zero_sum):
+    # their covariance needs C − 1 output columns, not C
+    centred = task == "classification" and link_approx != "mc"
+    for f, cov in la.functional_moment_chunks(x, chunk_size, create_graph, backend, centred):
         if task in CLASSIFICATION_TASKS:
             results.append(apply_link(f, cov, link_approx, task == "binary", n_samples, generator))
         else:

@@ -56,10 +56,26 @@ def project_to_zero_sum(f_mean: Tensor, f_var: Tensor) -> tuple[Tensor, Tensor]:
     Args:
         f_mean: (..., C); f_var: (..., C, C).
     """
-    mean = f_mean - f_mean.mean(-1, keepdim=True)
-    row = f_var.mean(-1, keepdim=True)  # (Σ1/C) as a column
-    var = f_var - row - row.mT + f_var.mean((-2, -1), keepdim=True)
-    return mean, var
+    return f_mean - f_mean.mean(-1, keepdim=True), centre_covariance(f_var)
+
+
+def zero_sum_basis(C: int, dtype: torch.dtype | None = None,
+                   device: torch.device | None = None) -> Tensor:
+    """An orthonormal basis V (C, C − 1) of the zero-sum logits 1⊥: V Vᵀ = P = I − 11ᵀ/C.
+
+    The covariance of the centred logits is P Σ P = V (Vᵀ Σ V) Vᵀ, so a GLM predictive for
+    softmax outputs needs the C − 1 output columns Vᵀ J only (:func:`centre_covariance`).
+    """
+    if C < 2:
+        raise ValueError(f"a zero-sum basis needs at least two classes, got C = {C}")
+    P = torch.eye(C, dtype=dtype, device=device) - 1 / C
+    return torch.linalg.qr(P[:, : C - 1])[0]
+
+
+def centre_covariance(f_var: Tensor) -> Tensor:
+    """P Σ P (..., C, C) for covariances Σ (..., C, C), P = I − 11ᵀ/C."""
+    row = f_var.mean(-1, keepdim=True)
+    return f_var - row - row.mT + f_var.mean((-2, -1), keepdim=True)
 
 
 def bridge_log_alpha(f_mean: Tensor, f_var: Tensor, normalize: bool = False) -> Tensor:
