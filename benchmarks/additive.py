@@ -22,6 +22,9 @@ Prints one JSON line per run (and appends it to ``--out``). Single torch thread,
       gam        pyGAM LinearGAM, ``gridsearch`` over its default λ grid, its prediction interval.
     Each network run gets about ``--steps`` Adam steps of batch ``--batch-size`` (lr 1e-2, at least
     ``--min-epochs`` epochs), with 10 evidence updates spaced evenly after a burn-in of one spacing.
+    ``--patience P``: lanam trains until the best log evidence has not risen by ``--min-delta``
+    nats in P updates (``fit_additive(patience=P)``), at most ``--max-steps`` steps, the updates
+    spaced as for ``--steps``.
 ``classification``  breast cancer (scikit-learn), ``--seeds`` stratified 80/20 splits: LA-NAM
     classifier, LogisticRegression (C = 1), pyGAM LogisticGAM (8 splines per feature, gridsearch
     over λ ∈ logspace(−3, 3, 5): its default grid took 732 s per fit here); accuracy, NLL, ECE.
