@@ -22,6 +22,9 @@ Prints one JSON line per run (and appends it to ``--out``). Single torch thread,
       gam        pyGAM LinearGAM, ``gridsearch`` over its default λ grid, its prediction interval.
     Each network run gets about ``--steps`` Adam steps of batch ``--batch-size`` (lr 1e-2, at least
     ``--min-epochs`` epochs), with 10 evidence updates spaced evenly after a burn-in of one spacing.
+    ``--patience P``: lanam trains until the best log evidence has not risen by ``--min-delta``
+    nats in P updates (``fit_additive(patience=P)``), at most ``--max-steps`` steps, the updates
+    spaced as for ``--steps``.
 ``classification``  breast cancer (scikit-learn), ``--seeds`` stratified 80/20 splits: LA-NAM
     classifier, LogisticRegression (C = 1), pyGAM LogisticGAM (8 splines per feature, gridsearch
     over λ ∈ logspace(−3, 3, 5): its default grid took 732 s per fit here); accuracy, NLL, ECE.
@@ -196,9 +199,14 @@ def run_uci(args) -> None:
             yt = s.y_test[:, 0].numpy()
             ys, n, d = float(s.y_std), len(X), X.shape[1]
             sched = schedule(n, args.steps, args.batch_size, args.min_epochs, args.updates)
+            stop = {}
+            if args.patience is not None:  # --steps sets the spacing, --max-steps the maximum
+                sched["n_epochs"] = max(sched["n_epochs"], math.ceil(
+                    args.max_steps / math.ceil(n / args.batch_size)))
+                stop = dict(patience=args.patience, min_delta=args.min_delta)
             base = dict(exp="uci", set=name, split=split, n_train=n, **sched, dtype=args.dtype,
                         hidden=args.hidden, activation=args.activation,
-                        lr_schedule=args.lr_schedule)
+                        lr_schedule=args.lr_schedule, **stop)
 
             def report(method, mean, var, seconds, base=base, yt=yt, ys=ys, **extra):
                 emit(dict(base, method=method, rmse=float(np.sqrt(np.mean((mean - yt) ** 2))) * ys,
@@ -207,14 +215,16 @@ def run_uci(args) -> None:
 
             if "lanam" in args.methods or "lanam_int" in args.methods:
                 fit = fit_additive(X, y, hidden=tuple(args.hidden), activation=args.activation,
-                                   lr_schedule=args.lr_schedule, seed=split, **sched)
+                                   lr_schedule=args.lr_schedule, seed=split, **sched, **stop)
                 with torch.no_grad():
                     train_rmse = float((fit.model(X) - y).square().mean().sqrt())
+                trace = [round(v, 2) for v in fit.history["log_marglik"] if not math.isnan(v)]
                 report("lanam", *_la_predict(fit.la, Xt), fit.seconds,
                        precisions=fit.feature_precisions.round(decimals=3).tolist(),
                        sigma=float(fit.la.sigma_noise), train_rmse=train_rmse,
-                       log_marglik=max(v for v in fit.history["log_marglik"]
-                                       if not math.isnan(v)))
+                       log_marglik=max(trace), log_marglik_trace=trace,
+                       epochs_run=fit.epochs_run,
+                       steps_run=fit.epochs_run * math.ceil(n / args.batch_size))
                 if "lanam_int" in args.methods:
                     k = min(5, d * (d - 1) // 2)
                     fit2 = fit_interactions(fit, X, y, k, seed=split)
@@ -376,7 +386,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--min-epochs", type=int, default=50)
-    p.add_argument("--updates", type=int, default=10, help="evidence updates per training run")
+    p.add_argument("--updates", type=int, default=10,
+                   help="evidence updates per --steps (their spacing)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="uci lanam: stop once the best log evidence has not risen by --min-delta "
+                        "in this many evidence updates (fit_additive's rule); then --max-steps "
+                        "is the maximum and --steps only sets the spacing of the updates")
+    p.add_argument("--min-delta", type=float, default=1.0, help="nats, with --patience")
+    p.add_argument("--max-steps", type=int, default=8000, help="with --patience")
     p.add_argument("--figure", default=None, help="folder for the synthetic shape plots")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = p.parse_args()

@@ -109,6 +109,8 @@ def test_estimators_name_bad_input():
         LaplaceAdditiveRegressor(n_interactions=4, **FAST).fit(X, y)
     with pytest.raises(ValueError, match="NaN"):
         LaplaceAdditiveRegressor(**FAST).fit(np.full_like(X, np.nan), y)
+    with pytest.raises(ValueError, match="patience must be an integer"):
+        LaplaceAdditiveRegressor(patience=1.5, **FAST).fit(X, y)
     r = LaplaceAdditiveRegressor(random_state=0, **FAST).fit(X, y)
     with pytest.raises(ValueError, match="3 features"):
         r.predict(X[:, :2])
@@ -141,3 +143,15 @@ def test_the_additive_estimators_are_exported_from_marglik():
     assert marglik.LaplaceAdditiveRegressor is additive.LaplaceAdditiveRegressor
     assert marglik.LaplaceAdditiveClassifier is additive.LaplaceAdditiveClassifier
     assert {"LaplaceAdditiveRegressor", "LaplaceAdditiveClassifier"} <= set(marglik.__all__)
+
+
+def test_patience_reaches_fit_additive_and_ends_stage_one_early():
+    X, y = _regression()
+    kw = dict(FAST, n_epochs=200)
+    full = LaplaceAdditiveRegressor(random_state=0, **kw).fit(X, y)
+    stopped = LaplaceAdditiveRegressor(random_state=0, patience=np.int64(2), **kw).fit(X, y)
+    assert full.fit_.epochs_run == 200 and stopped.fit_.options["patience"] == 2
+    assert stopped.fit_.epochs_run < 200
+    # the stopped run is the beginning of the full one
+    n = stopped.fit_.epochs_run
+    assert stopped.fit_.history["loss"] == full.fit_.history["loss"][:n]

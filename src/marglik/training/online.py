@@ -85,6 +85,7 @@ def marglik_training(
     lr_hyperparameters: float | None = None,
     hyper_scheduler_cls: type | None = None,
     hyper_scheduler_kwargs: dict[str, Any] | None = None,
+    stop: Callable[[int, dict], bool] | None = None,
 ) -> (tuple[Laplace, nn.Module, dict[str, list]]
       | tuple[Laplace, nn.Module, list[float], list[float]]):
     """Train ``model`` and its hyperparameters jointly by the Laplace evidence.
@@ -109,6 +110,9 @@ def marglik_training(
         checkpoint: a file path; the state after every epoch is saved there (``torch.save``,
             loadable with ``weights_only=True``) and, if it exists, training resumes from it.
         callback: called as ``callback(epoch, model, la, history)`` after every epoch.
+        stop: called as ``stop(epoch, history)`` after every epoch (after ``callback``);
+            training ends when it returns True, and ``n_epochs`` is then a maximum, e.g.
+            :class:`~marglik.training.stopping.EvidencePlateau` (the evidence has levelled off).
         progress: show a tqdm bar over epochs.
         hyperparameters: further hyperparameters h learned by the evidence: a leaf tensor or an
             iterable of leaf tensors with ``requires_grad=True`` that the model's forward pass
@@ -416,6 +420,8 @@ def marglik_training(
             saved_state.save(checkpoint, run, history, best, epoch)
         if callback is not None:
             callback(epoch, model, la, history)
+        if stop is not None and stop(epoch, history):
+            break
 
     if "model" in best:
         model.load_state_dict(best["model"])

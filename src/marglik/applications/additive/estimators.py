@@ -34,7 +34,8 @@ class _AdditiveBase(BaseEstimator):
     def __init__(self, hidden=(64,), activation="relu", n_epochs=300, lr=1e-2,
                  batch_size=512, n_interactions=0, n_epochs_interactions=None,
                  hessian_structure="kron", n_epochs_burnin=20, marglik_frequency=20,
-                 n_hypersteps=50, lr_hyp=0.1, random_state=None):
+                 n_hypersteps=50, lr_hyp=0.1, random_state=None, patience=None,
+                 min_delta=1.0):
         self.hidden = hidden
         self.activation = activation
         self.n_epochs = n_epochs
@@ -48,6 +49,8 @@ class _AdditiveBase(BaseEstimator):
         self.n_hypersteps = n_hypersteps
         self.lr_hyp = lr_hyp
         self.random_state = random_state
+        self.patience = patience
+        self.min_delta = min_delta
 
     def _check_params(self) -> None:
         for name in ("n_epochs", "n_hypersteps", "marglik_frequency"):
@@ -79,7 +82,9 @@ class _AdditiveBase(BaseEstimator):
             n_epochs=int(self.n_epochs), lr=float(self.lr), batch_size=self.batch_size,
             hessian_structure=self.hessian_structure, n_epochs_burnin=int(self.n_epochs_burnin),
             marglik_frequency=int(self.marglik_frequency), n_hypersteps=int(self.n_hypersteps),
-            lr_hyp=float(self.lr_hyp), seed=seed)
+            lr_hyp=float(self.lr_hyp), seed=seed,
+            patience=int(self.patience) if isinstance(self.patience, np.integer)
+            else self.patience, min_delta=self.min_delta)
         self.stage1_ = fit
         if self.n_interactions > 0:
             fit = fit_interactions(fit, Xt, yt, int(self.n_interactions),
@@ -133,6 +138,9 @@ class LaplaceAdditiveRegressor(RegressorMixin, _AdditiveBase):
         hessian_structure: ``"kron"`` (default, as the paper), ``"full"`` or ``"diag"``.
         n_epochs_burnin, marglik_frequency, n_hypersteps, lr_hyp: the evidence updates.
         random_state: seed (int), ``RandomState`` or None.
+        patience, min_delta: stage 1 ends once the training log evidence has not risen by
+            ``min_delta`` nats in ``patience`` evidence updates (``n_epochs`` is then the
+            maximum; :func:`~marglik.applications.additive.fit_additive`); None: all epochs.
 
     Attributes (after fit):
         feature_importances_ (D,), prior_precisions_ (D + K,), interaction_pairs_,
@@ -143,10 +151,12 @@ class LaplaceAdditiveRegressor(RegressorMixin, _AdditiveBase):
     def __init__(self, hidden=(64,), activation="relu", n_epochs=300, lr=1e-2,
                  batch_size=512, n_interactions=0, n_epochs_interactions=None,
                  heteroscedastic=False, hessian_structure="kron", n_epochs_burnin=20,
-                 marglik_frequency=20, n_hypersteps=50, lr_hyp=0.1, random_state=None):
+                 marglik_frequency=20, n_hypersteps=50, lr_hyp=0.1, random_state=None,
+                 patience=None, min_delta=1.0):
         super().__init__(hidden, activation, n_epochs, lr, batch_size, n_interactions,
                          n_epochs_interactions, hessian_structure, n_epochs_burnin,
-                         marglik_frequency, n_hypersteps, lr_hyp, random_state)
+                         marglik_frequency, n_hypersteps, lr_hyp, random_state, patience,
+                         min_delta)
         self.heteroscedastic = heteroscedastic
 
     def fit(self, X, y) -> LaplaceAdditiveRegressor:

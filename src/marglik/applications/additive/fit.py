@@ -30,7 +30,7 @@ from marglik.applications.additive.model import AdditiveNet
 from marglik.likelihoods import Likelihood
 from marglik.likelihoods.heteroscedastic import NaturalGaussian
 from marglik.posterior import Laplace
-from marglik.training import marglik_training
+from marglik.training import EvidencePlateau, marglik_training
 
 __all__ = ["HESSIAN_STRUCTURES", "LIKELIHOODS", "LR_SCHEDULES", "AdditiveFit", "fit_additive",
            "fit_interactions", "make_likelihood"]
@@ -77,6 +77,11 @@ class AdditiveFit:
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def epochs_run(self) -> int:
+        """Epochs trained (fewer than ``n_epochs`` when the evidence rule stopped early)."""
+        return len(self.history["loss"])
+
+    @property
     def precisions(self) -> Tensor:
         """δ per subnetwork (features, then pairs), without the output bias's: (D + K,)."""
         return self.la.prior_precision.detach()[: self.model.n_groups]
@@ -115,6 +120,8 @@ def _train(model: AdditiveNet, X: Tensor, y: Tensor, likelihood: str, options: d
     batch = options["batch_size"] or len(X)
     loader = torch.utils.data.DataLoader(data, batch_size=min(batch, len(X)), shuffle=True,
                                          generator=gen)
+    patience = options.get("patience")
+    stop = None if patience is None else EvidencePlateau(patience, options["min_delta"])
     schedule = LR_SCHEDULES[options.get("lr_schedule", "constant")]
     scheduler_cls, scheduler_kwargs = (None, None) if schedule is None else schedule(
         options["n_epochs"] * len(loader))
@@ -132,7 +139,7 @@ def _train(model: AdditiveNet, X: Tensor, y: Tensor, likelihood: str, options: d
             scheduler_cls=scheduler_cls, scheduler_kwargs=scheduler_kwargs,
             laplace_kwargs={"prior_groups": model.prior_groups()},
             callback=None if callback is None else (lambda e, m, la, h: callback(e, h)),
-            progress=progress,
+            progress=progress, stop=stop,
         )
     return la, model, history
 
@@ -157,6 +164,8 @@ def fit_additive(
     seed: int = 0,
     callback: Callable[[int, dict], None] | None = None,
     progress: bool = False,
+    patience: int | None = None,
+    min_delta: float = 1.0,
 ) -> AdditiveFit:
     """Stage 1 of LA-NAM: train f(x) = b + Σ_d f_d(x_d) by online evidence maximisation.
 
@@ -181,6 +190,12 @@ def fit_additive(
         n_epochs_burnin, marglik_frequency, n_hypersteps, lr_hyp, prior_prec_init: the
             evidence updates of :func:`~marglik.marglik_training`.
         pairs: interaction subnetworks to include from the start.
+        patience, min_delta: the training-length rule
+            (:class:`~marglik.training.stopping.EvidencePlateau`): training ends once the best
+            training log evidence has not risen by ``min_delta`` nats (default 1, a Bayes factor
+            of e) over ``patience`` consecutive evidence updates (one every
+            ``marglik_frequency`` epochs), and ``n_epochs`` is the maximum; the state of the best
+            evidence is returned either way. ``patience=None``: train all ``n_epochs``.
         seed: seeds the initialisation, the batch order and the training.
         callback: called as ``callback(epoch, history)`` after every epoch (0-based epoch,
             :func:`~marglik.marglik_training`'s history), e.g. for progress lines.
@@ -201,7 +216,10 @@ def fit_additive(
                    lr_schedule=lr_schedule,
                    batch_size=batch_size, hessian_structure=hessian_structure,
                    n_epochs_burnin=n_epochs_burnin, marglik_frequency=marglik_frequency,
-                   n_hypersteps=n_hypersteps, lr_hyp=lr_hyp, prior_prec_init=prior_prec_init)
+                   n_hypersteps=n_hypersteps, lr_hyp=lr_hyp, prior_prec_init=prior_prec_init,
+                   patience=patience, min_delta=min_delta)
+    if patience is not None:
+        EvidencePlateau(patience, min_delta)  # checks both
     start = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
