@@ -71,11 +71,12 @@ def run_config(pairs, config: str, args) -> list:
 
 
 def run_task(task) -> tuple:
-    """One (dataset, configuration): (name, config, pairs, results, seconds)."""
+    """One (dataset, configuration): (name, config, pairs, results, (wall s, CPU s))."""
     name, config, pairs, args = task
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = run_config(pairs, config, args)
-    return name, config, pairs, results, round(time.perf_counter() - t0, 1)
+    took = (round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1))
+    return name, config, pairs, results, took
 
 
 def run_tasks(tasks: list, jobs: int):
@@ -183,10 +184,11 @@ def main(argv=None) -> int:
     data = {name: load(name, args.subset)[args.start :: args.every] for name in args.datasets}
     tasks = [(name, config, pairs, args) for config in args.configs
              for name, pairs in data.items()]  # the cheap spline configurations first
-    rows, seconds = [], {}
+    rows, seconds, cpu_seconds = [], {}, {}
     start = time.perf_counter()
-    for name, config, pairs, results, took in run_tasks(tasks, args.jobs):
+    for name, config, pairs, results, (took, cpu) in run_tasks(tasks, args.jobs):
         seconds[f"{name}/{config}"] = took
+        cpu_seconds[f"{name}/{config}"] = cpu
         if args.pairs_out:
             with args.pairs_out.open("a") as f:
                 for p, r in zip(pairs, results, strict=True):
@@ -200,6 +202,8 @@ def main(argv=None) -> int:
     summary = {
         "wall_s": round(time.perf_counter() - start, 1),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "cpu_s": round(sum(cpu_seconds.values()), 1),
         "nn_steps": args.nn_steps,
         "nn_fit_points": args.nn_fit_points,
         "nn_dtype": args.nn_dtype,
