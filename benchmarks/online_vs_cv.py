@@ -3,7 +3,8 @@
     python benchmarks/online_vs_cv.py [--data digits|mnist] [--splits 0 1 2 3] [--epochs 150]
         [--methods cv online] [--schedule constant|cosine] [--cv-schedule constant|cosine]
         [--burnin B] [--frequency F] [--hypersteps K] [--lr-hyp G]
-        [--prior-structure layerwise|scalar] [--prior-groups tensor|layer] [--tangent]
+        [--prior-structure layerwise|scalar|diagonal] [--prior-groups tensor|layer]
+        [--hessian kron|diag|full] [--tangent]
 
 Issue 18, item 4. ``--data digits`` (default): sklearn digits (1,257 training / 540 test images per
 split, ``load_digits_split(seed=s)``), the ``marglik demo`` network MLP 64-32-32-10 ReLU.
@@ -14,13 +15,14 @@ images. Batch 128, float32, one thread.
 - **CV**: Adam (lr ``--lr``, ``--epochs``, ``--cv-schedule``) with coupled weight decay δ/N, the
   prior precision δ chosen from ``--grid`` by the mean validation NLL of 5-fold cross-validation,
   then retrained on the whole training set; the time counts all 5·|grid| + 1 runs.
-- **online**: :func:`marglik.marglik_training` (KFAC, evidence at the network's weights) with
-  lr ``--lr``, ``--epochs`` and the options above (``--schedule cosine``: cosine decay of θ's
-  learning rate to ``--lr-min`` per batch, as ``lr_min`` / ``scheduler='cos'`` of Immer et al.'s
-  reference code; ``--prior-groups layer``: one δ for the weight and bias of a layer instead of
-  one per tensor). Scored: the network's own predictions, its Laplace posterior's (GLM probit,
-  the online δ) and with ``--tangent`` the same posterior after ``optimize_prior_precision()``
-  at its defaults (the tangent evidence), whose tuning time is reported separately.
+- **online**: :func:`marglik.marglik_training` (``--hessian``, default KFAC; the evidence at the
+  network's weights) with lr ``--lr``, ``--epochs`` and the options above (``--schedule
+  cosine``: cosine decay of θ's learning rate to ``--lr-min`` per batch, as ``lr_min`` /
+  ``scheduler='cos'`` of Immer et al.'s reference code; ``--prior-groups layer``: one δ for the
+  weight and bias of a layer instead of one per tensor). Scored: the network's own predictions,
+  its Laplace posterior's (GLM probit, the online δ) and with ``--tangent`` the same posterior
+  after ``optimize_prior_precision()`` at its defaults (the tangent evidence), whose tuning time
+  is reported separately.
 
 Each line: test NLL, ECE and accuracy of the network (and the posteriors), and the wall time.
 """
