@@ -9,8 +9,9 @@
 ``--preset issue`` runs the grid issue 13's targets need (:func:`issue_cells`) in place of
 ``--datasets/--sizes/--nets/--methods``. ``--workers`` processes of one thread each run the
 cells, the dearest first; each record is appended to ``--out`` as its cell ends, and a last
-line gives the wall time of the whole grid. ``--report`` (``benchmarks/invariance_report.py``)
-prints mean ± s.e. over the seeds, the targets per seed and the wall time, and plots η.
+line gives the wall time of the whole grid (``--resume``: only the cells ``--out`` lacks).
+``--report`` (``benchmarks/invariance_report.py``) prints mean ± s.e. over the seeds, the
+targets per seed and the wall time, and plots η.
 
 Data (``marglik.data.mnist.load_mnist()``): the first N images of a seeded permutation of the
 training split and the first ``--n-test`` test images, each transformed once with its own
@@ -252,6 +253,19 @@ def run_cells(args: argparse.Namespace, cells: list[tuple]) -> None:
           "load_start": load_start, "load": os.getloadavg()[0], "commit": commit()})
 
 
+def pending(cells: list[tuple], path: str, epochs: int, S: int, lr_eta: float) -> list[tuple]:
+    """The cells (data, N, net, method, seed) that the JSON lines at ``path`` lack with these
+    epochs, S (1 for ``none``) and η learning rate (LILA only)."""
+    done = set()
+    for line in open(path):
+        r = json.loads(line) if line.strip() else {}
+        if ("dataset" in r and r["epochs"] == epochs and r["S"] == (1 if r["method"] == "none"
+                                                                    else S)
+                and r.get("lr_eta") == (lr_eta if r["method"] == "lila" else None)):
+            done.add((r["dataset"], r["n_train"], r["net"], r["method"], r["seed"]))
+    return [c for c in cells if c not in done]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -270,6 +284,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--workers", type=int, default=1, help="processes (one thread each)")
     p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="skip the cells --out already holds with these epochs, S and η lr")
     p.add_argument("--report", default=None, help="print the tables of a results file")
     p.add_argument("--plot", default=None, help="with --report: the η plot (png)")
     args = p.parse_args()
@@ -286,6 +302,8 @@ def main() -> None:
     else:
         cells = [(d, n, net, m, s) for s in args.seeds for d in args.datasets
                  for n in args.sizes for net in args.nets for m in args.methods]
+    if args.resume and args.out and os.path.exists(args.out):
+        cells = pending(cells, args.out, args.epochs, args.S, args.lr_eta)
     run_cells(args, cells)
 
 

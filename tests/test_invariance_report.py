@@ -86,3 +86,19 @@ def test_issue_preset_holds_the_cells_the_targets_need():
                 assert (dataset, 5000, "mlp", method, seed) in cells
     assert all(c[3] in inv.METHODS and c[2] in inv.NETS for c in cells)
     assert inv.LR_ETA * (inv.EPOCHS - 1) >= 2 * (math.pi - inv.INIT["rotate"])
+
+
+def test_resume_skips_only_cells_with_the_same_settings(tmp_path):
+    pytest.importorskip("marglik.data.mnist")
+    import invariance as inv
+
+    done = [record("rotated", "lila", 0, 0.8), record("rotated", "none", 0, 0.7),
+            {**record("mnist", "lila", 0, 0.9), "lr_eta": 0.2},  # another η lr
+            {**record("mnist", "none", 0, 0.9), "epochs": 8}]  # another budget
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in done) + "\n\n"
+                    + json.dumps({"preset": "issue", "epochs": 16}) + "\n")
+    cells = [(d, 5000, "mlp", m, s) for d in ("rotated", "mnist") for m in ("none", "lila")
+             for s in (0, 1)]
+    left = inv.pending(cells, str(path), 16, 8, 0.3)
+    assert left == [c for c in cells if c[0] == "mnist" or c[4] == 1]
