@@ -69,10 +69,14 @@ def extent(name: str) -> Callable[[dict], float | None]:
     return lambda r: r["eta"].get(name)
 
 
+def cpu_per_epoch(r: dict) -> float | None:
+    return r["cpu_seconds"] / r["epochs"] if "cpu_seconds" in r else None
+
+
 def table(rows: list[dict]) -> None:
     print("| data | N | net | method | S | epochs | seeds | test acc | test NLL | rotate | "
-          "translate x / y | scale x / y | shear | θ s/epoch | evidence s/epoch |")
-    print("|" + "---|" * 15)
+          "translate x / y | scale x / y | shear | θ s/epoch | evidence s/epoch | CPU s/epoch |")
+    print("|" + "---|" * 16)
     for key, rs in groups(rows).items():
         net, n, _, dataset, _, method, S, epochs, _ = key
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
@@ -81,7 +85,8 @@ def table(rows: list[dict]) -> None:
               f"{cell(rs, lambda r: r['test_acc'], 4)} | {cell(rs, lambda r: r['test_nll'], 3)} "
               f"| {e['rotate']} | {e['translate_x']} / {e['translate_y']} | {e['scale_x']} / "
               f"{e['scale_y']} | {e['shear']} | {cell(rs, lambda r: r['epoch_seconds'], 2)} | "
-              f"{cell(rs, lambda r: r['hyper_seconds'], 2)} |")
+              f"{cell(rs, lambda r: r['hyper_seconds'], 2)} | "
+              f"{cell(rs, cpu_per_epoch, 2)} |")
 
 
 def target(dataset: str, lila: dict, none: dict) -> tuple[str, bool]:
