@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, dataset: str, n: int, net_name: str, method: s
             "epoch_seconds": sum(e["seconds"] - e["hyper_seconds"] for e in epochs) / len(epochs),
             "hyper_seconds": sum(e["hyper_seconds"] for e in epochs) / len(epochs),
             "total_seconds": total, "cpu_seconds": time.process_time() - cpu,
-            "load_start": load_start, "load": os.getloadavg()[0], "commit": commit()}
+            "load_start": load_start, "load": os.getloadavg()[0], "commit": args.commit}
 
 
 METHODS = ("none", "fixed", "augerino", "lila")
@@ -250,7 +250,7 @@ def run_cells(args: argparse.Namespace, cells: list[tuple]) -> None:
           "epochs": args.epochs, "S": args.S, "lr_eta": args.lr_eta,
           "wall_seconds": time.perf_counter() - tic, "cpu_seconds": sum(cpu),
           "cpu_count": os.cpu_count(),
-          "load_start": load_start, "load": os.getloadavg()[0], "commit": commit()})
+          "load_start": load_start, "load": os.getloadavg()[0], "commit": args.commit})
 
 
 def pending(cells: list[tuple], path: str, epochs: int, S: int, lr_eta: float) -> list[tuple]:
@@ -289,6 +289,7 @@ def main() -> None:
     p.add_argument("--report", default=None, help="print the tables of a results file")
     p.add_argument("--plot", default=None, help="with --report: the η plot (png)")
     args = p.parse_args()
+    args.commit = commit()  # the HEAD at the start (the code the workers import)
     torch.set_num_threads(1)
     if args.report:
         report(args.report, args.plot)
