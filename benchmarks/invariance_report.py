@@ -133,7 +133,8 @@ def presets(rows: list[dict], meta: list[dict]) -> None:
         print(f"\nCPU time of the {len(cpu)} cells that record it: {sum(cpu):.0f} s; on 2 "
               f"processes of one free core each, dearest first: {makespan(cpu, 2):.0f} s")
     for m in meta:
-        print(f"\npreset {m['preset']}: {m['cells']} cells on {m['workers']} processes in "
+        name = f"preset {m['preset']}" if m["preset"] else "grid"
+        print(f"\n{name}: {m['cells']} cells on {m['workers']} processes in "
               f"{m['wall_seconds']:.0f} s wall time (commit {m['commit']}, load "
               f"{m['load_start']:.2f} at start, {m['load']:.2f} at the end, "
               f"{m['cpu_count']} cores)")
