@@ -9,8 +9,6 @@ that only project.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -21,7 +19,7 @@ import marglik.curvature.backprop as backprop
 import marglik.posterior.layerwise as layerwise
 from marglik.predictive.links import centre_covariance, probit, zero_sum_basis
 from tests import oracle
-from tests.test_resnet_scale import tiny_resnet
+from tests.test_resnet_scale import _fitted_tiny_resnet
 
 
 def test_zero_sum_basis_is_orthonormal_and_spans_the_centred_logits():
@@ -35,16 +33,7 @@ def test_zero_sum_basis_is_orthonormal_and_spans_the_centred_logits():
         zero_sum_basis(1)
 
 
-def _fitted(structure: str) -> marglik.Laplace:
-    model = tiny_resnet()
-    x, y = torch.randn(7, 2, 6, 6), torch.randint(0, 3, (7,))
-    la = marglik.Laplace(model, "classification", hessian_structure=structure)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # BatchNorm: diagonal blocks
-        la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
-    la.prior_precision = torch.rand(len(la.subset.names), generator=torch.Generator()
-                                    .manual_seed(1)) + 0.5  # layer-wise δ
-    return la
+_fitted = _fitted_tiny_resnet  # tiny ResNet (BatchNorm in eval), fitted, layer-wise δ
 
 
 @pytest.mark.parametrize("structure", ["kron", "diag", "full"])

@@ -20,7 +20,7 @@ import marglik
 import marglik.posterior.layerwise_covariance as covariance
 from marglik.posterior.layerwise import LayerData
 from tests import oracle
-from tests.test_resnet_scale import tiny_resnet
+from tests.test_resnet_scale import _fitted_tiny_resnet, tiny_resnet
 
 PATHS = {  # name -> (pairs_first, rotate_inputs_first, rotate_gradients_first)
     "pairs": (True, True, True),
@@ -84,14 +84,7 @@ def test_resnet_predictive_on_every_path_equals_brute_force(monkeypatch, structu
     """J Σ Jᵀ of a conv net with BatchNorm in eval mode and a residual block, layer-wise, with
     the contraction forced onto one path, against dense Jacobians and the inverse of P."""
     _force(monkeypatch, path)
-    model = tiny_resnet()
-    x, y = torch.randn(7, 2, 6, 6), torch.randint(0, 3, (7,))
-    la = marglik.Laplace(model, "classification", hessian_structure=structure)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # BatchNorm: diagonal blocks
-        la.fit(DataLoader(TensorDataset(x, y), batch_size=4))
-    la.prior_precision = torch.rand(len(la.subset.names), generator=torch.Generator()
-                                    .manual_seed(1)) + 0.5  # layer-wise δ
+    la = _fitted_tiny_resnet(structure)
     xt = torch.randn(5, 2, 6, 6)
     _, cov = la.functional_moments(xt, chunk_size=3, backend="layerwise")
     J = oracle.jacobians(la.model, xt, la.subset.names)
